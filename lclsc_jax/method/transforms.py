@@ -1,0 +1,48 @@
+"""The dihedral group D4 on images and maps: the "T" of the saliency equivariance term.
+
+pCLE frames have no canonical orientation, so the eight rotations/flips of the square are
+the natural transforms. Index convention, shared by the data pipeline (NumPy) and the
+losses (JAX): ``t in 0..7``; rotate by ``t % 4`` quarter turns (``rot90`` on the two
+spatial axes, counter-clockwise), then, if ``t >= 4``, flip the width axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_DIHEDRAL = 8
+
+
+def dihedral_np(x: np.ndarray, t: int, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Apply dihedral transform ``t`` to one array (NumPy), spatial axes ``axes`` (H, W)."""
+    t = int(t)
+    if not 0 <= t < NUM_DIHEDRAL:
+        raise ValueError(f"dihedral index must be in 0..7, got {t}")
+    y = np.rot90(x, t % 4, axes=axes)
+    if t >= 4:
+        y = np.flip(y, axis=axes[1])
+    return np.ascontiguousarray(y)
+
+
+def dihedral(x: jax.Array, t: jax.Array | int, axes: tuple[int, int] = (0, 1)) -> jax.Array:
+    """Apply dihedral transform ``t`` (traced int OK) to one array; square spatial axes if traced."""
+    if isinstance(t, (int, np.integer)):
+        y = jnp.rot90(x, int(t) % 4, axes=axes)
+        return jnp.flip(y, axis=axes[1]) if int(t) >= 4 else y
+    branches = [lambda v, k=k: dihedral(v, k, axes) for k in range(NUM_DIHEDRAL)]
+    return jax.lax.switch(jnp.asarray(t, jnp.int32) % NUM_DIHEDRAL, branches, x)
+
+
+def dihedral_batch(x: jax.Array, t: jax.Array) -> jax.Array:
+    """Per-sample dihedral transforms of a batch ``x (B, H, W, ...)`` with ``t (B,)``; H == W."""
+    return jax.vmap(lambda xi, ti: dihedral(xi, ti, (0, 1)))(x, t)
+
+
+def dihedral_inverse(t: jax.Array | int) -> jax.Array | int:
+    """Index of the inverse transform: rotations invert to 4 - r, flips are involutions."""
+    if isinstance(t, (int, np.integer)):
+        return (4 - int(t)) % 4 if int(t) < 4 else int(t)
+    t = jnp.asarray(t)
+    return jnp.where(t < 4, (4 - t) % 4, t)
