@@ -1,0 +1,282 @@
+"""Typed, nested, overridable run configuration.
+
+A config is a tree of frozen dataclasses. Named presets live in :data:`PRESETS`; a JSON file
+can stand in for a preset; ``key=value`` overrides (dotted keys) are parsed with the field's
+type. Unknown keys are an error that names the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key or value no run can use."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and head."""
+
+    arch: str = "resnet18"  # tiny | resnet18 | resnet34 | resnet50
+    embed_dim: int = 128
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    remat: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are fed."""
+
+    source: str = "synthetic"  # synthetic | folder path | CSV manifest path
+    image_size: int = 128
+    channels: int = 1
+    cache_dir: str = ""  # "" -> $LCLSC_DATA_DIR or ~/.cache/lclsc_jax
+    num_workers: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    augment: bool = True
+    synthetic_patients: int = 24
+    synthetic_images_per_patient: int = 40
+    synthetic_seed: int = 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which objective and its hyper-parameters (DESIGN.md, "The method")."""
+
+    name: str = "lcl_sc"  # lcl_sc | lcl | supcon | ce
+    tau: float = 0.1
+    w_ss: float = 1.0
+    lambda_sc: float = 1.0
+    k_max: float = 0.1  # fraction of h*w in (0, 1], or a count >= 1
+    k_min: float = 0.1
+    alpha: float = -1.0  # -1: top - bottom (our default); +1: WILDCAT negative evidence
+    w_eq: float = 1.0
+    eq_stride: int = 4  # every eq_stride-th sample of the batch also runs as a D4-transformed view
+    ema_momentum: float = 0.99
+    label_smoothing: float = 0.0
+    fov_mask: bool = True  # keep pCLE's black corners out of TK-MMP and the equivariance term
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the loop."""
+
+    steps: int = 2000
+    batch_size: int = 64  # global batch, across all devices and processes
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | sgd
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    log_every: int = 20
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    eval_batch_size: int = 128
+    best_metric: str = "accuracy"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+def _preset(**sections: dict[str, Any]) -> Config:
+    return override(Config(), {f"{s}.{k}": v for s, kv in sections.items() for k, v in kv.items()})
+
+
+PRESETS: dict[str, Config] = {}
+
+
+def _register_presets() -> None:
+    PRESETS["default"] = Config()
+    # The CPU demo: a tiny CNN on 64x64 synthetic frames, minutes on 2 cores.
+    PRESETS["demo"] = _preset(
+        model=dict(arch="tiny"),
+        data=dict(image_size=64, synthetic_patients=24, synthetic_images_per_patient=40),
+        train=dict(steps=600, batch_size=64, lr=3e-3, warmup_steps=50, eval_every=200,
+                   checkpoint_every=200, log_every=20),
+    )
+    # Tests: as small as still means something.
+    PRESETS["tiny"] = _preset(
+        model=dict(arch="tiny", embed_dim=32),
+        data=dict(image_size=32, synthetic_patients=9, synthetic_images_per_patient=8),
+        train=dict(steps=20, batch_size=16, lr=3e-3, warmup_steps=2, eval_every=10,
+                   checkpoint_every=10, log_every=5, eval_batch_size=32),
+    )
+    PRESETS["resnet50"] = _preset(
+        model=dict(arch="resnet50", dtype="bfloat16"),
+        data=dict(image_size=224, channels=1, num_workers=8),
+        train=dict(steps=20000, batch_size=256, lr=1e-3, warmup_steps=1000),
+    )
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config into ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain-dict form (what ``config.json`` holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` (often a string from the command line) to ``typ``."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config key {key!r}: expected a boolean, got {value!r}")
+    try:
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from None
+    return value
+
+
+def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    if not close:  # also match the last component alone, e.g. "lr" -> "train.lr"
+        tail = key.split(".")[-1]
+        close = [k for k in valid if k.split(".")[-1] == tail] or difflib.get_close_matches(
+            tail, [k.split(".")[-1] for k in valid], n=3, cutoff=0.6)
+        close = [k for k in valid if k in close or k.split(".")[-1] in close][:3]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def override(cfg: Config, updates: dict[str, Any]) -> Config:
+    """Return ``cfg`` with dotted-key ``updates`` applied, type-checked."""
+    valid = list(flatten(cfg))
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    hints = _field_types(Config)
+    for key, value in updates.items():
+        if key not in valid:
+            raise _unknown_key_error(key, valid)
+        if "." in key:
+            sec, name = key.split(".", 1)
+            typ = _field_types(type(getattr(cfg, sec)))[name]
+            sections.setdefault(sec, {})[name] = _coerce(key, value, typ)
+        else:
+            top[key] = _coerce(key, value, hints[key])
+    new = {sec: dataclasses.replace(getattr(cfg, sec), **kv) for sec, kv in sections.items()}
+    cfg = dataclasses.replace(cfg, **new, **top)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Parse ``["a.b=1", ...]`` into a dict; a malformed item is an error."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Build a config from a nested dict (e.g. a saved ``config.json``); unknown keys are errors."""
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return override(Config(), flat)
+
+
+def load(name_or_file: str = "default", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """A preset by name, or a JSON file, with ``key=value`` overrides applied."""
+    if name_or_file in PRESETS:
+        cfg = PRESETS[name_or_file]
+    elif os.path.isfile(name_or_file):
+        with open(name_or_file) as f:
+            cfg = from_dict(json.load(f))
+    else:
+        raise ValueError(
+            f"config {name_or_file!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        cfg = override(cfg, ov)
+    return cfg
+
+
+LOSSES = ("lcl_sc", "lcl", "supcon", "ce")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ``ValueError`` on values no run could use."""
+    errors = []
+    if cfg.loss.name not in LOSSES:
+        errors.append(f"loss.name must be one of {LOSSES}, got {cfg.loss.name!r}")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        errors.append(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    if cfg.train.optimizer not in ("adamw", "sgd"):
+        errors.append(f"train.optimizer must be adamw or sgd, got {cfg.train.optimizer!r}")
+    for key in ("train.steps", "train.batch_size", "data.image_size", "data.channels", "model.embed_dim",
+                "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_last"):
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) < 1:
+            errors.append(f"{key} must be >= 1")
+    if not 0.0 <= cfg.loss.ema_momentum < 1.0:
+        errors.append("loss.ema_momentum must be in [0, 1)")
+    if cfg.loss.eq_stride < 1:
+        errors.append("loss.eq_stride must be >= 1")
+    if cfg.loss.tau <= 0:
+        errors.append("loss.tau must be > 0")
+    for key in ("k_max", "k_min"):
+        v = getattr(cfg.loss, key)
+        if v <= 0 or (v > 1 and not float(v).is_integer()):
+            errors.append(f"loss.{key} must be a fraction in (0, 1] or an integer count, got {v}")
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def uses_gei(cfg: Config) -> bool:
+    """Whether inference is global-embedding inference (all contrastive losses) or a linear head."""
+    return cfg.loss.name != "ce"
+
+
+_register_presets()

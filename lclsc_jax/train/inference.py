@@ -1,0 +1,151 @@
+"""Using a trained run: restore its state, evaluate a split, predict image files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from lclsc_jax.train import loop
+from lclsc_jax.train import sharding as shd
+from lclsc_jax.train.checkpoint import Checkpointer
+from lclsc_jax.train.config import Config, from_dict
+from lclsc_jax.train.state import TrainState
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A restored run: its config, class names, model, state (replicated on ``mesh``) and step."""
+
+    cfg: Config
+    class_names: tuple[str, ...]
+    model: Any
+    state: TrainState
+    mesh: jax.sharding.Mesh
+    step: int
+    workdir: str
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """Model variables for ``model.apply``."""
+        return self.state.variables
+
+    @property
+    def global_emb(self) -> jax.Array | None:
+        """The EMA class embeddings ``(C, D)``, or None for a linear-head (``ce``) run."""
+        return None if self.cfg.loss.name == "ce" else self.state.global_emb
+
+
+def load_run(workdir: str, which: str = "best", num_devices: int | None = None) -> TrainedRun:
+    """Restore the ``best`` (by validation metric), ``latest`` or a numbered checkpoint of a run."""
+    cfg_path = os.path.join(workdir, "config.json")
+    splits_path = os.path.join(workdir, "splits.json")
+    if not (os.path.exists(cfg_path) and os.path.exists(splits_path)):
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json/splits.json); "
+                                "run `lclsc train --workdir` first")
+    with open(cfg_path) as f:
+        cfg = from_dict(json.load(f))
+    with open(splits_path) as f:
+        class_names = tuple(json.load(f)["class_names"])
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.train.keep_last,
+                        best_metric=f"val_{cfg.train.best_metric}")
+    try:
+        step = {"best": ckpt.best_step, "latest": ckpt.latest_step}.get(which, lambda: int(which))()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+        mesh = shd.make_mesh(num_devices)
+        model = loop.build_model(cfg, len(class_names))
+        state = ckpt.restore(step, loop.abstract_state(cfg, model, len(class_names), mesh))
+    finally:
+        ckpt.close()
+    return TrainedRun(cfg, class_names, model, state, mesh, int(step), workdir)
+
+
+def evaluate_run(workdir: str, source: str | None = None, split: str = "test", which: str = "best",
+                 out_dir: str | None = None, figures: bool = True) -> dict[str, Any]:
+    """Evaluate a run on a split of its data (or all of another ``source``); writes ``eval/metrics.json``.
+
+    ``split`` is ``train``/``val``/``test`` of the run's patient-wise split, or ``all``.
+    """
+    from lclsc_jax import data, evaluate
+
+    run = load_run(workdir, which)
+    ds = loop.load_dataset(run.cfg, source)
+    if tuple(ds.class_names) != run.class_names:
+        raise ValueError(f"data classes {tuple(ds.class_names)} differ from the run's {run.class_names}")
+    if split == "all":
+        indices = np.arange(len(ds.labels))
+    else:
+        splits = loop.make_splits(run.cfg, ds)
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; choose from {sorted(splits)} or 'all'")
+        indices = splits[split]
+    batch = _eval_batch_size(run.cfg, run.mesh)
+    res = loop.predict_batches(run.cfg, run.model, run.state, run.mesh,
+                               data.eval_batches(ds, indices, batch))
+    metrics = evaluate.classification_metrics(res["label"], res["probs"], class_names=run.class_names,
+                                              patients=res["patient"])
+    metrics.update(split=split, checkpoint_step=run.step, source=source or run.cfg.data.source,
+                   inference="gei" if run.global_emb is not None else "linear")
+    out_dir = out_dir or os.path.join(workdir, "eval")
+    loop.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    if figures and jax.process_index() == 0:
+        from lclsc_jax.evaluate import plots
+
+        plots.confusion_matrix_plot(np.asarray(metrics["confusion_matrix"]), run.class_names,
+                                    os.path.join(out_dir, "confusion_matrix.png"))
+        plots.roc_curves([(res["label"], res["probs"])], os.path.join(out_dir, "roc.png"),
+                         class_names=run.class_names)
+        plots.confidence_histogram(res["probs"], res["label"], os.path.join(out_dir, "confidence.png"))
+        if metrics.get("per_patient"):
+            plots.per_patient_bars(metrics["per_patient"], os.path.join(out_dir, "per_patient.png"))
+    return metrics
+
+
+def _eval_batch_size(cfg: Config, mesh: jax.sharding.Mesh) -> int:
+    n = shd.data_parallel_size(mesh) * jax.process_count()
+    return max(n, (cfg.train.eval_batch_size // n) * n)
+
+
+def predict_files(workdir: str, paths: Sequence[str], which: str = "best") -> list[dict[str, Any]]:
+    """Class and probabilities for each image file (GEI for contrastive runs)."""
+    from lclsc_jax import data
+
+    run = load_run(workdir, which)
+    images = load_images(run.cfg, paths)
+    probs = predict_arrays(run, images)
+    return [{"path": p, "class": run.class_names[int(pr.argmax())], "probability": float(pr.max()),
+             "probabilities": {c: float(v) for c, v in zip(run.class_names, pr)}}
+            for p, pr in zip(paths, probs)]
+
+
+def load_images(cfg: Config, paths: Sequence[str]) -> np.ndarray:
+    """Read image files as the run's training data was prepared: ``(N, H, W, C)`` uint8."""
+    from lclsc_jax import data
+
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"no such image file(s): {', '.join(missing)}")
+    return np.stack([data.load_image_file(p, cfg.data.image_size, cfg.data.channels) for p in paths])
+
+
+def predict_arrays(run: TrainedRun, images_u8: np.ndarray) -> np.ndarray:
+    """Probabilities ``(N, C)`` for uint8 images ``(N, H, W, C)`` (single process)."""
+    from lclsc_jax import data
+
+    batch = _eval_batch_size(run.cfg, run.mesh)
+    x = data.normalize_images(images_u8)
+
+    def batches():
+        for i in range(0, len(x), batch):
+            chunk = x[i:i + batch]
+            n = len(chunk)
+            pad = np.concatenate([chunk, np.repeat(chunk[:1], batch - n, axis=0)]) if n < batch else chunk
+            yield {"image": pad, "label": np.zeros(batch, np.int32), "index": np.arange(i, i + batch),
+                   "patient": np.array([""] * batch), "valid": np.arange(batch) < n}
+
+    return loop.predict_batches(run.cfg, run.model, run.state, run.mesh, batches())["probs"]

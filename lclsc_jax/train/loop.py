@@ -1,0 +1,268 @@
+"""The training loop: data -> sharded steps -> checkpoints, resumable at any step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from lclsc_jax.train import sharding as shd
+from lclsc_jax.train import steps as steps_lib
+from lclsc_jax.train.checkpoint import Checkpointer, abstract_like
+from lclsc_jax.train.config import Config, from_dict, to_dict
+from lclsc_jax.train.reporting import MetricWriter, Progress
+from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/Inf; the last good checkpoint is left intact."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared by train / evaluate / predict / explain
+# ---------------------------------------------------------------------------------------------
+
+def load_dataset(cfg: Config, source: str | None = None) -> Any:
+    """The dataset a config names (or ``source`` instead of ``cfg.data.source``)."""
+    from lclsc_jax import data
+
+    d = cfg.data
+    synthetic = data.SyntheticConfig(num_patients=d.synthetic_patients,
+                                     images_per_patient=d.synthetic_images_per_patient,
+                                     image_size=d.image_size, seed=d.synthetic_seed)
+    return data.load(source or d.source, image_size=d.image_size, channels=d.channels,
+                     cache_dir=d.cache_dir or None, synthetic=synthetic)
+
+
+def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
+    """Patient-wise train/val/test record indices, fixed by ``cfg.data.split_seed``."""
+    from lclsc_jax import data
+
+    return data.patient_split(ds.patients, ds.labels, val_fraction=cfg.data.val_fraction,
+                              test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
+                              split_column=getattr(ds, "split_column", None))
+
+
+def build_model(cfg: Config, num_classes: int) -> Any:
+    """The Flax module a config names."""
+    import jax.numpy as jnp
+
+    from lclsc_jax import models
+
+    return models.create(cfg.model.arch, num_classes, head="linear" if cfg.loss.name == "ce" else "gei",
+                         embed_dim=cfg.model.embed_dim, in_channels=cfg.data.channels,
+                         dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32,
+                         remat=cfg.model.remat)
+
+
+def init_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:
+    """A fresh, replicated train state from ``cfg.seed``."""
+    tx = make_optimizer(cfg)
+    shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
+    fn = jax.jit(lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key),
+                 out_shardings=shd.replicated(mesh))
+    return fn(jax.random.PRNGKey(cfg.seed))
+
+
+def abstract_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
+    tx = make_optimizer(cfg)
+    shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
+    shapes = jax.eval_shape(lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key),
+                            jax.random.PRNGKey(0))
+    return abstract_like(shapes, shd.replicated(mesh))
+
+
+def predict_batches(cfg: Config, model: Any, state: TrainState, mesh: jax.sharding.Mesh,
+                    batches: Iterator[dict[str, np.ndarray]], eval_step: Any = None) -> dict[str, np.ndarray]:
+    """Run the eval step over padded batches; returns host arrays of the valid rows only.
+
+    Keys: ``probs (N, C)``, ``embedding (N, D)``, ``label (N,)``, ``index (N,)``, ``patient (N,)``.
+    """
+    from jax.experimental import multihost_utils
+
+    eval_step = eval_step or steps_lib.jit_eval_step(steps_lib.make_eval_step(model, cfg), mesh)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "embedding", "label", "index", "patient")}
+    for batch in batches:
+        res = eval_step(state, shd.to_global(batch, mesh, steps_lib.EVAL_KEYS))
+        res = multihost_utils.process_allgather(res, tiled=True) if jax.process_count() > 1 else jax.device_get(res)
+        host = {k: _allgather_host(batch[k]) for k in ("valid", "label", "index", "patient")}
+        valid = host["valid"].astype(bool)
+        for k in ("probs", "embedding"):
+            out[k].append(np.asarray(res[k])[valid])
+        for k in ("label", "index", "patient"):
+            out[k].append(host[k][valid])
+    return {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in out.items()}
+
+
+def _allgather_host(x: np.ndarray) -> np.ndarray:
+    """Concatenate a host array's per-process rows in process order (identity on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    if np.asarray(x).dtype.kind in "US":  # strings cannot cross devices: gather their codes
+        arr = np.asarray(x).astype("U64")
+        codes = np.frombuffer(arr.tobytes(), np.uint32).reshape(arr.shape[0], -1)
+        g = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
+        return np.frombuffer(g.astype(np.uint32).tobytes(), dtype="U64").reshape(-1)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON atomically from process 0 only."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def resolve_config(workdir: str, cfg: Config | None, overrides: dict[str, Any] | None = None) -> Config:
+    """The config of a run: the workdir's saved one when resuming, else ``cfg``; overrides applied."""
+    from lclsc_jax.train.config import override
+
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = from_dict(json.load(f))
+        if cfg is not None and _differs_beyond_steps(saved, cfg):
+            raise ValueError(f"{workdir} holds a run with a different config; resume it without --config "
+                             "(use --set for train.steps) or pick a new --workdir")
+        cfg = saved
+    cfg = cfg or Config()
+    return override(cfg, overrides) if overrides else cfg
+
+
+def _differs_beyond_steps(a: Config, b: Config) -> bool:
+    strip = lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, steps=0))  # noqa: E731
+    return to_dict(strip(a)) != to_dict(strip(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_devices: int | None = None,
+          stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in ``workdir``; returns a summary with final step and metrics.
+
+    ``stop_after`` ends the loop after that many steps of this call (tests of resumption).
+    """
+    from lclsc_jax import data
+
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, "config.json"), to_dict(cfg))
+    ds = load_dataset(cfg)
+    splits = make_splits(cfg, ds)
+    write_json(os.path.join(workdir, "splits.json"), {
+        "class_names": list(ds.class_names),
+        "patients": {k: sorted(set(map(str, ds.patients[v]))) for k, v in splits.items()},
+        "counts": {k: int(len(v)) for k, v in splits.items()}})
+
+    mesh = shd.make_mesh(num_devices)
+    shd.check_batch_size(cfg.train.batch_size, mesh)
+    model = build_model(cfg, ds.num_classes)
+    tx = make_optimizer(cfg)
+    state = init_state(cfg, model, ds.num_classes, mesh)
+    train_it = data.train_iterator(
+        ds, splits["train"], global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+        augment=data.AugmentConfig() if cfg.data.augment else data.AugmentConfig.none(),
+        num_workers=cfg.data.num_workers, second_view=False)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.train.keep_last,
+                        best_metric=f"val_{cfg.train.best_metric}")
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, abstract_state(cfg, model, ds.num_classes, mesh), train_it)
+    else:
+        start = 0
+        if init_from:
+            from lclsc_jax import interop
+
+            variables, report = interop.init_backbone_from(state.variables, init_from, cfg.model.arch)
+            state = jax.device_put(state.replace(params=variables["params"],
+                                                 batch_stats=variables["batch_stats"]),
+                                   shd.replicated(mesh))
+            _log(f"initialised backbone from {init_from}: {report}")
+
+    train_step = steps_lib.jit_train_step(steps_lib.make_train_step(model, tx, cfg), mesh)
+    eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(model, cfg), mesh)
+    writer = MetricWriter(workdir)
+    bar = Progress(cfg.train.steps, start, cfg.train.batch_size, enabled=progress)
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    pending: list[dict[str, jax.Array]] = []
+    last_val: dict[str, float] = {}
+    step = start
+    try:
+        while step < end:
+            batch = shd.to_global(next(train_it), mesh, steps_lib.TRAIN_KEYS)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            if step == start + 1:
+                bar.reset_clock()  # exclude compilation from img/s
+            is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == end or is_eval
+            if step % cfg.train.log_every == 0 or is_ckpt:
+                host = _check_and_average(pending, step)
+                pending = []
+                host["lr"] = learning_rate(cfg, step - 1)
+                writer.write(step, host, "train")
+                bar.update(step, host)
+            if is_eval and "val" in splits and len(splits["val"]):
+                last_val = _validate(cfg, model, state, mesh, ds, splits["val"], eval_step)
+                writer.write(step, last_val, "val")
+                bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
+                bar.reset_clock()
+            if is_ckpt:
+                ckpt.save(step, state, train_it,
+                          metrics={f"val_{k}": v for k, v in last_val.items()} if is_eval and last_val else None)
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    return {"step": step, "val": last_val, "workdir": workdir}
+
+
+def _check_and_average(pending: list[dict[str, jax.Array]], step: int) -> dict[str, float]:
+    """Fetch the pending step metrics, stop on NaN/Inf, average them."""
+    host = jax.device_get(pending)
+    bad = sum(m["nonfinite"] for m in host)
+    if bad:
+        raise TrainingDiverged(
+            f"loss or gradient became NaN/Inf in {int(bad)} of the last {len(host)} steps (up to step {step}); "
+            "stopped without saving, the last good checkpoint is intact. Lower train.lr, or check the data "
+            "for constant or corrupt images.")
+    return {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
+
+
+def _validate(cfg: Config, model: Any, state: TrainState, mesh: jax.sharding.Mesh, ds: Any,
+              indices: np.ndarray, eval_step: Any) -> dict[str, float]:
+    from lclsc_jax import data
+
+    res = predict_batches(cfg, model, state, mesh,
+                          data.eval_batches(ds, indices, cfg.train.eval_batch_size), eval_step)
+    pred = res["probs"].argmax(-1)
+    y = res["label"]
+    recalls = [float(np.mean(pred[y == c] == c)) for c in np.unique(y)]
+    return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": float(np.mean(recalls))}
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)

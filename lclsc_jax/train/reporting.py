@@ -1,0 +1,116 @@
+"""Run logging: a progress bar on terminals, plain lines otherwise, JSON lines and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+
+class MetricWriter:
+    """Append metrics to ``WORKDIR/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._file = None
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # no TensorFlow needed
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+        """Record scalar ``metrics`` at ``step`` under ``prefix``."""
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if _is_scalar(v)}
+        self._file.write(json.dumps({"step": int(step), "split": prefix, **scalars}) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+
+    def close(self) -> None:
+        """Flush and close."""
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _is_scalar(v: Any) -> bool:
+    try:
+        return float(v) is not None and getattr(v, "ndim", 0) == 0
+    except (TypeError, ValueError):
+        return False
+
+
+class Progress:
+    """Steps, loss, img/s and ETA: a tqdm bar on a TTY, a plain line per update otherwise."""
+
+    def __init__(self, total: int, start: int = 0, batch_size: int = 1, stream=None, enabled: bool = True):
+        self.total, self.step, self.batch_size = total, start, batch_size
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and jax.process_index() == 0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._t0, self._s0 = time.perf_counter(), start
+        self._bar = None
+        if self.enabled and self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def rate(self) -> float:
+        """Images per second since the last call to :meth:`reset_clock` (or the start)."""
+        dt = time.perf_counter() - self._t0
+        return (self.step - self._s0) * self.batch_size / dt if dt > 0 else 0.0
+
+    def reset_clock(self) -> None:
+        """Start a new throughput window (e.g. after compilation or evaluation)."""
+        self._t0, self._s0 = time.perf_counter(), self.step
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        """Advance to ``step`` and show ``metrics``."""
+        if not self.enabled:
+            self.step = step
+            return
+        ips = self.rate()
+        eta = (self.total - step) * self.batch_size / ips if ips > 0 else float("nan")
+        shown = {k: metrics[k] for k in ("loss", "accuracy") if k in metrics}
+        if self._bar is not None:
+            self._bar.update(step - self.step)
+            self._bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "img/s": f"{ips:.0f}"})
+        else:
+            parts = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
+            print(f"step {step}/{self.total} {parts} img/s={ips:.1f} eta={_fmt_eta(eta)}",
+                  file=self.stream, flush=True)
+        self.step = step
+
+    def write(self, msg: str) -> None:
+        """Print a message without breaking the bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt_eta(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

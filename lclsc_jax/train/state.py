@@ -1,0 +1,84 @@
+"""The train state: everything that must persist between steps, as one pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from lclsc_jax.train.config import Config
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Step, parameters, BN statistics, optimizer state, EMA global class embeddings, RNG.
+
+    ``global_emb (C, D)`` float32 and ``seen (C,)`` bool carry the LCL-SC class anchors; they
+    receive no gradient and change only by EMA (``lclsc_jax.method.ema_update``).
+    ``rng`` is a raw ``uint32[2]`` key so every checkpoint format can store it.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    global_emb: jax.Array
+    seen: jax.Array
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The model variables ``{'params', 'batch_stats'}`` for ``model.apply``."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on kernels only (no biases, no BN scales)."""
+    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """Gradient clipping, warmup-cosine schedule, AdamW or SGD-momentum per ``cfg.train``."""
+    t = cfg.train
+    warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else t.lr, peak_value=t.lr, warmup_steps=warmup,
+        decay_steps=max(t.steps, warmup + 1), end_value=t.lr * 1e-2)
+    if t.optimizer == "adamw":
+        opt = optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask)
+    else:
+        opt = optax.chain(optax.add_decayed_weights(t.weight_decay, mask=_decay_mask),
+                          optax.sgd(schedule, momentum=0.9, nesterov=True))
+    chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+    return optax.chain(*chain, opt)
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """The scheduled learning rate at ``step`` (for logging)."""
+    t = cfg.train
+    warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+    fn = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else t.lr, peak_value=t.lr, warmup_steps=warmup,
+        decay_steps=max(t.steps, warmup + 1), end_value=t.lr * 1e-2)
+    return float(fn(step))
+
+
+def create_state(model: Any, tx: optax.GradientTransformation, num_classes: int, embed_dim: int,
+                 image_shape: tuple[int, int, int], rng: jax.Array) -> TrainState:
+    """Initialise a state for ``model`` on images of ``image_shape (H, W, C)``; jittable."""
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init(init_rng, dummy, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        global_emb=jnp.zeros((num_classes, embed_dim), jnp.float32),
+        seen=jnp.zeros((num_classes,), jnp.bool_),
+        rng=state_rng,
+    )

@@ -1,0 +1,189 @@
+"""Pure train and eval steps, and their sharded ``jax.jit`` wrappers.
+
+The losses see the *global* batch (arrays are global ``jax.Array`` s sharded over the ``data``
+axis), so every number is independent of the device and process count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lclsc_jax import method
+from lclsc_jax.method.transforms import NUM_DIHEDRAL
+from lclsc_jax.train import sharding as shd
+from lclsc_jax.train.config import Config
+from lclsc_jax.train.state import TrainState
+
+TRAIN_KEYS = ("image", "label", "image_t", "transform")
+EVAL_KEYS = ("image", "label")
+
+
+def feature_fov_mask(h: int, w: int) -> np.ndarray:
+    """Validity mask ``(h, w)`` of a feature map under pCLE's circular field of view.
+
+    A cell is valid when its centre lies inside the disc inscribed in the image. The disc is
+    invariant under the dihedral group, so the transformed view uses the same mask.
+    """
+    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h - 0.5, (np.arange(w) + 0.5) / w - 0.5, indexing="ij")
+    mask = (yy**2 + xx**2) <= 0.25
+    return mask if mask.any() else np.ones((h, w), bool)
+
+
+def _compute_dtype(cfg: Config) -> jnp.dtype:
+    return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+
+
+def _sc_terms(cfg: Config, local_z: jax.Array, local_z_t: jax.Array | None, labels: jax.Array,
+              global_emb: jax.Array, t: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Saliency-consistency loss: TK-MMP cross-entropy on all views plus the equivariance MSE."""
+    loss_cfg = cfg.loss
+    g = jax.lax.stop_gradient(global_emb)
+    maps = method.class_saliency_maps(local_z, g)
+    mask = feature_fov_mask(*maps.shape[1:3]) if loss_cfg.fov_mask else None
+    kw = dict(tau=loss_cfg.tau, k_max=_k(loss_cfg.k_max), k_min=_k(loss_cfg.k_min), alpha=loss_cfg.alpha)
+    if local_z_t is None:
+        ce = method.saliency_consistency_loss(maps, labels, mask=mask, **kw)
+        eq = jnp.zeros((), jnp.float32)
+        logits = method.sc_logits(maps, mask=mask, **kw)
+        return ce, eq, logits
+    maps_t = method.class_saliency_maps(local_z_t, g)
+    sub = slice(None, None, loss_cfg.eq_stride)
+    # TK-MMP cross-entropy over both views; the equivariance term on the pairs (x, T x).
+    ce = method.saliency_consistency_loss(jnp.concatenate([maps, maps_t]),
+                                          jnp.concatenate([labels, labels[sub]]), mask=mask, **kw)
+    eq = method.equivariance_loss(maps[sub], maps_t, t, mask=mask)
+    logits = method.sc_logits(maps, mask=mask, **kw)
+    return ce, eq, logits
+
+
+def _k(v: float) -> float | int:
+    return int(v) if v > 1 else float(v)
+
+
+def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tuple[dict, Any, dict]]]:
+    """``loss_fn(params, state, batch, rng) -> (loss, (metrics, new_batch_stats, aux))``; pure."""
+    lc = cfg.loss
+    dtype = _compute_dtype(cfg)
+    second_view = lc.name == "lcl_sc" and lc.lambda_sc > 0 and lc.w_eq > 0
+
+    def forward(params, batch_stats, x):
+        out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, x.astype(dtype),
+                                   train=True, mutable=["batch_stats"])
+        return out, mutated["batch_stats"]
+
+    def loss_fn(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+        x, y = batch["image"], batch["label"].astype(jnp.int32)
+        out, new_bs = forward(params, state.batch_stats, x)
+        z = out["embedding"]
+        metrics: dict[str, jax.Array] = {}
+        aux: dict[str, jax.Array] = {"z": z, "labels": y}
+        if lc.name == "ce":
+            loss = method.cross_entropy_loss(out["logits"], y, label_smoothing=lc.label_smoothing)
+            metrics["accuracy"] = jnp.mean(jnp.argmax(out["logits"], -1) == y)
+            return loss, (metrics, new_bs, aux)
+
+        out_t, t = None, None
+        if second_view:
+            sub = slice(None, None, lc.eq_stride)
+            if "image_t" in batch and "transform" in batch:
+                x_t, t = batch["image_t"][sub], batch["transform"][sub].astype(jnp.int32)
+            else:
+                t = jax.random.randint(rng, (x[sub].shape[0],), 0, NUM_DIHEDRAL)
+                x_t = method.apply_transform(x[sub], t)
+            # A separate forward pass: the views stay on the devices that hold them (no resharding);
+            # BN statistics of the running average follow the first view only.
+            out_t, _ = forward(params, state.batch_stats, x_t)
+            z_all = jnp.concatenate([z, out_t["embedding"]])
+            y_all = jnp.concatenate([y, y[sub]])
+        else:
+            z_all, y_all = z, y
+        aux = {"z": z_all, "labels": y_all}
+
+        if lc.name == "supcon":
+            loss = method.supervised_contrastive_loss(z_all, y_all, tau=lc.tau)
+        else:
+            proto = method.prototype_contrastive_loss(z_all, y_all, state.global_emb, tau=lc.tau)
+            ss = method.supervised_contrastive_loss(z_all, y_all, tau=lc.tau)
+            loss = proto + lc.w_ss * ss
+            metrics.update(loss_proto=proto, loss_ss=ss)
+        if lc.name == "lcl_sc" and lc.lambda_sc > 0:
+            ce, eq, sc_logits = _sc_terms(cfg, out["local_embedding"],
+                                          None if out_t is None else out_t["local_embedding"],
+                                          y, state.global_emb, t)
+            loss = loss + lc.lambda_sc * (ce + lc.w_eq * eq)
+            metrics.update(loss_sc=ce, loss_eq=eq, sc_accuracy=jnp.mean(jnp.argmax(sc_logits, -1) == y))
+        gei = method.gei_logits(z, state.global_emb, tau=lc.tau)
+        metrics["accuracy"] = jnp.mean(jnp.argmax(gei, -1) == y)
+        return loss, (metrics, new_bs, aux)
+
+    return loss_fn
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: Config
+                    ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_step(state, batch) -> (state, metrics)``: one optimizer step plus the EMA update.
+
+    A step whose loss or gradient is not finite leaves the state untouched and reports
+    ``nonfinite = 1`` so the loop can stop with the last good state.
+    """
+    loss_fn = make_loss_fn(model, cfg)
+    uses_gei = cfg.loss.name != "ce"
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng, step_rng = jax.random.split(state.rng)
+        (loss, (metrics, new_bs, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state, batch, step_rng)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        global_emb, seen = state.global_emb, state.seen
+        if uses_gei:
+            global_emb, seen = method.ema_update(global_emb, seen, jax.lax.stop_gradient(aux["z"]),
+                                                 aux["labels"], momentum=cfg.loss.ema_momentum)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = state.replace(step=state.step + 1, params=new_params, batch_stats=new_bs, opt_state=new_opt,
+                            global_emb=global_emb, seen=seen, rng=rng)
+        # Keep the old values where the step went wrong (a select, fused by XLA).
+        new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new,
+                                     state.replace(step=state.step + 1, rng=rng))
+        metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+        metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
+                       nonfinite=(~ok).astype(jnp.float32))
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model: Any, cfg: Config) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]:
+    """``eval_step(state, batch) -> {probs (B, C), embedding (B, D)}``; GEI or linear head by config."""
+    dtype = _compute_dtype(cfg)
+    tau = cfg.loss.tau
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+        out = model.apply(state.variables, batch["image"].astype(dtype), train=False)
+        if cfg.loss.name == "ce":
+            logits = out["logits"].astype(jnp.float32)
+        else:
+            logits = method.gei_logits(out["embedding"], state.global_emb, tau=tau)
+        return {"probs": jax.nn.softmax(logits, axis=-1), "embedding": out["embedding"].astype(jnp.float32)}
+
+    return eval_step
+
+
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, donate: bool = True) -> Callable:
+    """Compile ``train_step`` with the state replicated and the batch sharded over ``data``."""
+    rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=(rep, rep),
+                   donate_argnums=(0,) if donate else ())
+
+
+def jit_eval_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """Compile ``eval_step``: batch sharded in, per-example outputs sharded out."""
+    rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
+    return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=bat)
+
