@@ -1,0 +1,294 @@
+"""Saliency localisation against ground-truth masks (NumPy / scikit-image, host side).
+
+Saliency maps ``(N, H, W)`` in ``[0, 1]`` are compared with binary masks ``(N, H, W)``
+of the discriminative region. An optional ``valid`` mask (``(H, W)`` or ``(N, H, W)``;
+pCLE's circular field of view) restricts every computation to valid pixels.
+
+Conventions (see ``docs/evaluate.md``): a fixed threshold ``t`` keeps ``map >= t``;
+Otsu keeps ``map > t_otsu`` (scikit-image's convention), with ``t_otsu`` computed by
+``threshold_otsu`` over the exact distinct values of ``map[valid]``; a flat
+map (max == min over the valid pixels) has no Otsu foreground and never scores a
+pointing-game hit. Zero denominators give 0 (no predicted pixels -> precision 0; no
+saliency mass -> energy 0), except dice/IoU of two empty masks, which are 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from skimage.filters import threshold_otsu
+from skimage.measure import label as cc_label
+
+__all__ = [
+    "bbox_iou",
+    "binarize",
+    "dice",
+    "energy_pointing_game",
+    "iou",
+    "localisation_metrics",
+    "normalize_maps",
+    "otsu_binarize",
+    "pixel_precision",
+    "pixel_recall",
+    "pointing_game",
+]
+
+_RANGE_ATOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _as_valid(valid: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Broadcast ``valid`` (None, (H, W) or (N, H, W)) to a bool array of ``shape``."""
+    if valid is None:
+        return np.ones(shape, dtype=bool)
+    v = np.asarray(valid)
+    if v.shape != shape[-2:] and v.shape != shape:
+        raise ValueError(f"valid must have shape {shape[-2:]} or {shape}, got {v.shape}")
+    return np.broadcast_to(v.astype(bool), shape)
+
+
+def _check_map(saliency: Any, name: str = "saliency") -> np.ndarray:
+    """A finite float64 array with values in [0, 1]."""
+    s = np.asarray(saliency, dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if s.size and (s.min() < -_RANGE_ATOL or s.max() > 1 + _RANGE_ATOL):
+        raise ValueError(
+            f"{name} values must lie in [0, 1] (got [{s.min():.3g}, {s.max():.3g}]); "
+            "rescale first, e.g. with normalize_maps"
+        )
+    return np.clip(s, 0.0, 1.0)
+
+
+def _check_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.ndarray:
+    """A boolean array of ``shape`` from a bool or {0, 1} array."""
+    m = np.asarray(mask)
+    if m.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {m.shape}")
+    if m.dtype != bool and not np.all((m == 0) | (m == 1)):
+        raise ValueError(f"{name} must be binary (bool or 0/1 values)")
+    return m.astype(bool)
+
+
+def normalize_maps(maps: Any, valid: Any = None) -> np.ndarray:
+    """Min-max rescale each map of ``maps (N, H, W)`` to [0, 1] over its valid pixels; flat maps -> 0."""
+    m = np.asarray(maps, dtype=np.float64)
+    if m.ndim != 3:
+        raise ValueError(f"maps must have shape (N, H, W), got {m.shape}")
+    v = _as_valid(valid, m.shape)
+    lo = np.where(v, m, np.inf).min(axis=(1, 2), keepdims=True)
+    hi = np.where(v, m, -np.inf).max(axis=(1, 2), keepdims=True)
+    span = hi - lo
+    out = np.where(span > 0, (m - lo) / np.where(span > 0, span, 1.0), 0.0)
+    return np.where(v, np.clip(out, 0.0, 1.0), 0.0)
+
+
+# ------------------------------------------------------------------------ binarising
+
+
+def binarize(saliency: Any, threshold: float, valid: Any = None) -> np.ndarray:
+    """Boolean mask ``saliency >= threshold`` (any shape), False outside ``valid``."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    s = _check_map(saliency)
+    return (s >= threshold) & _as_valid(valid, s.shape)
+
+
+def otsu_binarize(saliency: Any, valid: Any = None) -> np.ndarray:
+    """Boolean mask ``saliency (H, W) > t_otsu`` over the valid pixels (exact-value Otsu); empty if flat."""
+    s = _check_map(saliency)
+    if s.ndim != 2:
+        raise ValueError(f"otsu_binarize takes one map (H, W), got {s.shape}")
+    v = _as_valid(valid, s.shape)
+    vals = s[v]
+    if vals.size == 0 or vals.max() == vals.min():
+        return np.zeros(s.shape, dtype=bool)
+    # Otsu over the exact distinct values (not a 256-bin histogram, whose bin centres can
+    # fall below a value of the lower class and leak it into the foreground).
+    levels, counts = np.unique(vals, return_counts=True)
+    return (s > threshold_otsu(hist=(counts, levels))) & v
+
+
+# ------------------------------------------------------------------ overlap measures
+
+
+def _pair(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two boolean masks of the same shape."""
+    p = np.asarray(pred)
+    return _check_mask(p, p.shape, "pred"), _check_mask(gt, p.shape, "gt")
+
+
+def dice(pred: Any, gt: Any) -> float:
+    """Dice ``2|P & G| / (|P| + |G|)`` of two boolean masks (H, W); 1.0 when both are empty."""
+    p, g = _pair(pred, gt)
+    den = p.sum() + g.sum()
+    return 1.0 if den == 0 else float(2 * (p & g).sum() / den)
+
+
+def iou(pred: Any, gt: Any) -> float:
+    """Jaccard ``|P & G| / |P | G|`` of two boolean masks (H, W); 1.0 when both are empty."""
+    p, g = _pair(pred, gt)
+    union = (p | g).sum()
+    return 1.0 if union == 0 else float((p & g).sum() / union)
+
+
+def pixel_precision(pred: Any, gt: Any) -> float:
+    """Fraction of predicted pixels inside the GT, ``|P & G| / |P|``; 0.0 when P is empty."""
+    p, g = _pair(pred, gt)
+    return 0.0 if p.sum() == 0 else float((p & g).sum() / p.sum())
+
+
+def pixel_recall(pred: Any, gt: Any) -> float:
+    """Fraction of GT pixels predicted, ``|P & G| / |G|``; 0.0 when G is empty."""
+    p, g = _pair(pred, gt)
+    return 0.0 if g.sum() == 0 else float((p & g).sum() / g.sum())
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Inclusive bounding box ``(r0, c0, r1, c1)`` of a non-empty boolean mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (ties -> lowest label)."""
+    lab = cc_label(mask, connectivity=2)
+    if lab.max() == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(lab.ravel())[1:]
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def bbox_iou(pred: Any, gt: Any) -> float:
+    """IoU of the box around P's largest 8-connected component and the box of all GT pixels (H, W)."""
+    p, g = _pair(pred, gt)
+    if p.sum() == 0 or g.sum() == 0:
+        return 0.0
+    a = _bbox(_largest_component(p))
+    b = _bbox(g)
+    ih = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    iw = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    inter = max(ih, 0) * max(iw, 0)
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return float(inter / (area(a) + area(b) - inter))
+
+
+# -------------------------------------------------------------------- pointing games
+
+
+def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = None) -> bool:
+    """Hit if the map's maximum (H, W; first in raster order) lies within ``tolerance`` px of a GT pixel.
+
+    Follows Zhang et al. (2018); distances are Euclidean in pixels. A flat map (no
+    maximum) and an empty GT are misses.
+    """
+    s = _check_map(saliency)
+    if s.ndim != 2:
+        raise ValueError(f"pointing_game takes one map (H, W), got {s.shape}")
+    g = _check_mask(gt, s.shape, "gt")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    v = _as_valid(valid, s.shape)
+    vals = s[v]
+    if not g.any() or vals.size == 0 or vals.max() == vals.min():
+        return False
+    r, c = np.unravel_index(int(np.argmax(np.where(v, s, -np.inf))), s.shape)
+    gr, gc = np.nonzero(g)
+    return bool(np.min((gr - r) ** 2 + (gc - c) ** 2) <= tolerance**2)
+
+
+def energy_pointing_game(saliency: Any, gt: Any, valid: Any = None) -> float:
+    """Share of saliency mass inside the GT, ``sum(S * G) / sum(S)`` over valid pixels (H, W); 0 if no mass."""
+    s = _check_map(saliency)
+    g = _check_mask(gt, s.shape, "gt")
+    s = np.where(_as_valid(valid, s.shape), s, 0.0)
+    total = s.sum()
+    return 0.0 if total == 0 else float((s * g).sum() / total)
+
+
+# ------------------------------------------------------------------------- batch entry
+
+_OVERLAPS = {
+    "dice": dice,
+    "iou": iou,
+    "precision": pixel_precision,
+    "recall": pixel_recall,
+    "bbox_iou": bbox_iou,
+}
+
+
+def _mean(values: list[float], keep: np.ndarray) -> float | None:
+    """Mean over the kept images, None when none are kept."""
+    kept = [x for x, k in zip(values, keep) if k]
+    return float(np.mean(kept)) if kept else None
+
+
+def localisation_metrics(
+    maps: Any,
+    masks: Any,
+    thresholds: Sequence[float] = (0.5,),
+    otsu: bool = True,
+    valid: Any = None,
+    tolerance: float = 0.0,
+    return_per_image: bool = False,
+) -> dict[str, Any]:
+    """Mean localisation scores of ``maps (N, H, W)`` in [0, 1] against ``masks (N, H, W)``.
+
+    Returns ``{"n_images", "n_empty_gt", "n_evaluated", "pointing_game",
+    "energy_pointing_game", "thresholds": {key: {dice, iou, precision, recall, bbox_iou}}}``
+    with one ``key`` per fixed threshold (``str(t)``) and ``"otsu"``. Images whose GT
+    mask is empty (within ``valid``) are excluded from every mean and counted in
+    ``n_empty_gt``. With ``return_per_image`` a ``per_image`` entry holds the
+    per-image values (None for excluded images).
+    """
+    s = _check_map(maps, "maps")
+    if s.ndim != 3:
+        raise ValueError(f"maps must have shape (N, H, W), got {s.shape}")
+    if s.shape[0] == 0:
+        raise ValueError("maps is empty: need at least one image")
+    v = _as_valid(valid, s.shape)
+    g = _check_mask(masks, s.shape, "masks") & v
+    ts = [float(t) for t in thresholds]
+    for t in ts:
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"thresholds must lie in [0, 1], got {t}")
+    if not ts and not otsu:
+        raise ValueError("give at least one threshold or otsu=True")
+
+    n = s.shape[0]
+    keep = g.reshape(n, -1).any(axis=1)
+    per_image: dict[str, Any] = {
+        "pointing_game": [pointing_game(s[i], g[i], tolerance, v[i]) if keep[i] else None for i in range(n)],
+        "energy_pointing_game": [energy_pointing_game(s[i], g[i], v[i]) if keep[i] else None for i in range(n)],
+        "thresholds": {},
+    }
+    binaries: dict[str, list[np.ndarray]] = {str(t): [binarize(s[i], t, v[i]) for i in range(n)] for t in ts}
+    if otsu:
+        binaries["otsu"] = [otsu_binarize(s[i], v[i]) for i in range(n)]
+    for key, preds in binaries.items():
+        per_image["thresholds"][key] = {
+            name: [fn(preds[i], g[i]) if keep[i] else None for i in range(n)] for name, fn in _OVERLAPS.items()
+        }
+
+    out: dict[str, Any] = {
+        "n_images": int(n),
+        "n_empty_gt": int((~keep).sum()),
+        "n_evaluated": int(keep.sum()),
+        "tolerance": float(tolerance),
+        "pointing_game": _mean([float(x) if x is not None else 0.0 for x in per_image["pointing_game"]], keep),
+        "energy_pointing_game": _mean(
+            [x if x is not None else 0.0 for x in per_image["energy_pointing_game"]], keep
+        ),
+        "thresholds": {
+            key: {name: _mean([x or 0.0 for x in vals], keep) for name, vals in d.items()}
+            for key, d in per_image["thresholds"].items()
+        },
+    }
+    if return_per_image:
+        out["per_image"] = per_image
+    return out
