@@ -203,7 +203,7 @@ def _demo(args: argparse.Namespace) -> int:
     os.makedirs(fig_dir, exist_ok=True)
     run = inference.load_run(args.workdir)
     ds = loop.load_dataset(run.cfg)
-    test_idx = loop.make_splits(run.cfg, ds)["test"]
+    test_idx = inference.run_splits(args.workdir, run.cfg, ds)["test"]
     data.render_examples(ds, 12, os.path.join(fig_dir, "synthetic_examples.png"))
     written = _demo_saliency(run, ds, test_idx, fig_dir)
     summary = {"accuracy": metrics["accuracy"], "f1": metrics["f1"], "auroc": metrics["auroc"],

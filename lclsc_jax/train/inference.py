@@ -80,7 +80,7 @@ def evaluate_run(workdir: str, source: str | None = None, split: str = "test", w
     if split == "all":
         indices = np.arange(len(ds.labels))
     else:
-        splits = loop.make_splits(run.cfg, ds)
+        splits = run_splits(workdir, run.cfg, ds) if source is None else loop.make_splits(run.cfg, ds)
         if split not in splits:
             raise ValueError(f"unknown split {split!r}; choose from {sorted(splits)} or 'all'")
         indices = splits[split]
@@ -98,12 +98,21 @@ def evaluate_run(workdir: str, source: str | None = None, split: str = "test", w
 
         plots.confusion_matrix_plot(np.asarray(metrics["confusion_matrix"]), run.class_names,
                                     os.path.join(out_dir, "confusion_matrix.png"))
-        plots.roc_curves([(res["label"], res["probs"])], os.path.join(out_dir, "roc.png"),
+        plots.roc_curves(res["label"], res["probs"], os.path.join(out_dir, "roc.png"),
                          class_names=run.class_names)
         plots.confidence_histogram(res["probs"], res["label"], os.path.join(out_dir, "confidence.png"))
         if metrics.get("per_patient"):
             plots.per_patient_bars(metrics["per_patient"], os.path.join(out_dir, "per_patient.png"))
     return metrics
+
+
+def run_splits(workdir: str, cfg: Config, ds: Any) -> dict[str, np.ndarray]:
+    """The record indices a run trained with (saved in ``splits.json``), else the config's split."""
+    with open(os.path.join(workdir, "splits.json")) as f:
+        saved = json.load(f)
+    if "indices" in saved:
+        return {k: np.asarray(v, np.int64) for k, v in saved["indices"].items()}
+    return loop.make_splits(cfg, ds)
 
 
 def _eval_batch_size(cfg: Config, mesh: jax.sharding.Mesh) -> int:

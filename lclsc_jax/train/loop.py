@@ -158,18 +158,27 @@ def _differs_beyond_steps(a: Config, b: Config) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_devices: int | None = None,
-          stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+          stop_after: int | None = None, progress: bool = True,
+          splits: dict[str, np.ndarray] | None = None, dataset: Any = None) -> dict[str, Any]:
     """Train (or resume) the run in ``workdir``; returns a summary with final step and metrics.
 
+    ``splits`` (record indices per ``train``/``val``/``test``) replaces the config's fixed
+    patient-wise split, e.g. for a cross-validation fold; ``dataset`` skips re-loading the data.
     ``stop_after`` ends the loop after that many steps of this call (tests of resumption).
     """
     from lclsc_jax import data
 
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), to_dict(cfg))
-    ds = load_dataset(cfg)
-    splits = make_splits(cfg, ds)
+    ds = dataset if dataset is not None else load_dataset(cfg)
+    if splits is None:
+        splits = make_splits(cfg, ds)
+    else:
+        from lclsc_jax import data
+
+        data.check_disjoint(ds.patients, splits)
     write_json(os.path.join(workdir, "splits.json"), {
+        "indices": {k: np.asarray(v).tolist() for k, v in splits.items()},
         "class_names": list(ds.class_names),
         "patients": {k: sorted(set(map(str, ds.patients[v]))) for k, v in splits.items()},
         "counts": {k: int(len(v)) for k, v in splits.items()}})

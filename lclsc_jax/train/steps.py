@@ -144,7 +144,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: Config
         if uses_gei:
             global_emb, seen = method.ema_update(global_emb, seen, jax.lax.stop_gradient(aux["z"]),
                                                  aux["labels"], momentum=cfg.loss.ema_momentum)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = state.replace(step=state.step + 1, params=new_params, batch_stats=new_bs, opt_state=new_opt,
                             global_emb=global_emb, seen=seen, rng=rng)
