@@ -1,0 +1,58 @@
+"""The LCL-SC method as pure JAX functions (see docs/method.md for the equations)."""
+
+from lclsc_jax.method.common import cosine_similarity, normalize
+from lclsc_jax.method.contrastive import (
+    label_contrastive_loss,
+    prototype_contrastive_loss,
+    supervised_contrastive_loss,
+)
+from lclsc_jax.method.global_embeddings import (
+    class_means,
+    ema_update,
+    gei_logits,
+    gei_predict,
+    init_global_embeddings,
+)
+from lclsc_jax.method.losses import cross_entropy_loss
+from lclsc_jax.method.saliency_consistency import (
+    apply_transform,
+    class_saliency_maps,
+    equivariance_loss,
+    resolve_k,
+    saliency_consistency_loss,
+    sc_logits,
+    tk_mmp,
+)
+from lclsc_jax.method.transforms import (
+    NUM_DIHEDRAL,
+    dihedral,
+    dihedral_batch,
+    dihedral_inverse,
+    dihedral_np,
+)
+
+__all__ = [
+    "NUM_DIHEDRAL",
+    "apply_transform",
+    "class_means",
+    "class_saliency_maps",
+    "cosine_similarity",
+    "cross_entropy_loss",
+    "dihedral",
+    "dihedral_batch",
+    "dihedral_inverse",
+    "dihedral_np",
+    "ema_update",
+    "equivariance_loss",
+    "gei_logits",
+    "gei_predict",
+    "init_global_embeddings",
+    "label_contrastive_loss",
+    "normalize",
+    "prototype_contrastive_loss",
+    "resolve_k",
+    "saliency_consistency_loss",
+    "sc_logits",
+    "supervised_contrastive_loss",
+    "tk_mmp",
+]

@@ -1,0 +1,202 @@
+"""Saliency consistency (SC): class saliency maps, TK-MMP pooling and the SC loss.
+
+Masks. pCLE frames have a circular field of view; ``mask`` (``(h, w)`` or ``(B, h, w)``, bool
+or {0, 1}) marks the valid locations. Invalid locations never enter either pool. With ``n``
+valid locations in a sample, a pool of size ``k`` averages the ``min(k, n)`` most extreme
+valid values (so a mask leaving fewer than ``k`` valid locations gives the mean of those);
+a sample with no valid location pools to 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from lclsc_jax.method.common import check_labels, check_positive, compute_dtype, cosine_similarity
+from lclsc_jax.method.losses import cross_entropy_loss
+from lclsc_jax.method.transforms import NUM_DIHEDRAL, dihedral
+
+Transform = Callable[[jax.Array], jax.Array] | jax.Array
+
+
+def class_saliency_maps(local_z: jax.Array, global_emb: jax.Array) -> jax.Array:
+    """Cosine of each location of ``local_z (B, h, w, D)`` with each ``G_c (C, D)``: ``(B, h, w, C)``.
+
+    ``G`` is treated as a constant (stop-gradient), as everywhere in the method.
+    """
+    chex.assert_rank([local_z, global_emb], [4, 2])
+    return cosine_similarity(local_z, jax.lax.stop_gradient(global_emb))
+
+
+def resolve_k(k: int | float, n: int, name: str = "k") -> int:
+    """Pool size from an int count in ``[1, n]`` or a float fraction in ``(0, 1]`` of ``n``.
+
+    Fractions round half up and are at least 1 (so ``1`` means one location, ``1.0`` all ``n``).
+    """
+    if isinstance(k, bool):
+        raise TypeError(f"{name} must be an int count or a float fraction, got bool {k}")
+    if isinstance(k, int) or (hasattr(k, "dtype") and jnp.issubdtype(k.dtype, jnp.integer)):
+        k = int(k)
+        if not 1 <= k <= n:
+            raise ValueError(f"{name}={k} must be a count in [1, h*w={n}] (or a fraction in (0, 1])")
+        return k
+    k = float(k)
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"{name}={k} as a fraction must be in (0, 1] (or an int count in [1, {n}])")
+    return max(1, min(n, int(k * n + 0.5)))
+
+
+def _batch_mask(mask: jax.Array, batch: int, h: int, w: int) -> jax.Array:
+    """Validity mask ``(h, w)`` or ``(B, h, w)`` (bool or {0, 1}) as bool ``(B, h, w)``."""
+    if mask.shape not in ((h, w), (batch, h, w)):
+        raise ValueError(f"mask must have shape ({h}, {w}) or ({batch}, {h}, {w}), got {mask.shape}")
+    return jnp.broadcast_to(mask.astype(bool), (batch, h, w))
+
+
+def _flat_mask(mask: jax.Array | None, batch: int, h: int, w: int) -> jax.Array | None:
+    """Validity mask ``(h, w)`` or ``(B, h, w)`` as bool ``(B, 1, h*w)`` (``None`` stays None)."""
+    if mask is None:
+        return None
+    # Merge, then add the axis: a single reshape that also inserts it is rejected by
+    # Explicit-mode sharding when the batch axis is sharded.
+    return _batch_mask(mask, batch, h, w).reshape(batch, h * w)[:, None, :]
+
+
+def _top_mean(x: jax.Array, k: int, valid: jax.Array | None) -> jax.Array:
+    """Mean of the ``min(k, n_valid)`` largest valid entries along the last axis of ``x (..., n)``."""
+    if valid is None:
+        return jnp.mean(jax.lax.top_k(x, k)[0], axis=-1)
+    vals = jax.lax.top_k(jnp.where(valid, x, -jnp.inf), k)[0]  # valid ones first, then -inf
+    k_eff = jnp.minimum(jnp.sum(valid, axis=-1, keepdims=True), k)  # (B, 1, 1)
+    take = jnp.arange(k) < k_eff  # rank-based weights (B, 1, k), no 0 * inf
+    total = jnp.sum(jnp.where(take, vals, 0.0), axis=-1)
+    return total / jnp.maximum(k_eff[..., 0], 1).astype(x.dtype)
+
+
+def tk_mmp(
+    maps: jax.Array,
+    k_max: int | float,
+    k_min: int | float,
+    alpha: float = 1.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Top-K max-min pooling of ``maps (B, h, w, C)`` over space: ``(B, C)`` f32.
+
+    ``s_c = mean(k_max largest of S_c) + alpha * mean(k_min smallest of S_c)``; ``k`` is an int
+    count or a float fraction of ``h*w`` (see :func:`resolve_k`). ``mask (h, w) | (B, h, w)``
+    excludes locations from both pools (see the module docstring for the rule).
+    """
+    chex.assert_rank(maps, 4)
+    chex.assert_type(maps, float)
+    batch, h, w, num_classes = maps.shape
+    n = h * w
+    kx, kn = resolve_k(k_max, n, "k_max"), resolve_k(k_min, n, "k_min")
+    x = maps.astype(compute_dtype(maps)).reshape(batch, n, num_classes)
+    x = jnp.swapaxes(x, 1, 2)  # (B, C, n): top_k works on the last axis
+    valid = _flat_mask(mask, batch, h, w)
+    top = _top_mean(x, kx, valid)
+    bottom = -_top_mean(-x, kn, valid)
+    return top + alpha * bottom
+
+
+def sc_logits(
+    maps: jax.Array,
+    k_max: int | float = 0.1,
+    k_min: int | float = 0.1,
+    alpha: float = 1.0,
+    tau: float = 0.1,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Saliency-consistency logits ``tk_mmp(maps) / tau``: ``(B, h, w, C) -> (B, C)`` f32."""
+    check_positive("tau", tau)
+    return tk_mmp(maps, k_max, k_min, alpha, mask) / tau
+
+
+def apply_transform(x: jax.Array, transform: Transform) -> jax.Array:
+    """Apply ``transform`` (callable, or int D4 indices ``(B,)``) to a batch ``x (B, h, w, ...)``."""
+    if callable(transform):
+        return transform(x)
+    t = jnp.asarray(transform)
+    if not jnp.issubdtype(t.dtype, jnp.integer) or t.shape != (x.shape[0],):
+        raise ValueError(
+            f"transform must be a callable or int D4 indices of shape ({x.shape[0]},), "
+            f"got {t.dtype} {t.shape}"
+        )
+    if x.shape[1] != x.shape[2]:
+        raise ValueError(f"D4 indices need square maps, got h, w = {x.shape[1]}, {x.shape[2]}")
+    return _dihedral_select(x, t)
+
+
+def _dihedral_select(x: jax.Array, t: jax.Array) -> jax.Array:
+    """Same as ``dihedral_batch(x (B, h, h, ...), t (B,))``, as a chain of selects over the 8 cases.
+
+    ``vmap`` of ``lax.switch`` lowers to the same selects, but needs every batched input to
+    share one batch sharding under Explicit mesh axes; plain ``where`` broadcasting does not.
+    """
+    t = t.reshape((-1,) + (1,) * (x.ndim - 1)) % NUM_DIHEDRAL
+    out = x
+    for k in range(1, NUM_DIHEDRAL):
+        out = jnp.where(t == k, dihedral(x, k, axes=(1, 2)), out)
+    return out
+
+
+def equivariance_loss(
+    maps: jax.Array,
+    maps_transformed: jax.Array,
+    transform: Transform,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Mean of ``(S(Tx) - T S(x))**2`` over (valid) locations and classes; ``(B, h, w, C)``: f32.
+
+    ``maps = S(x)``, ``maps_transformed = S(Tx)``; the valid locations are ``T(mask)``, so a
+    callable ``transform`` must be channel-agnostic (it also sees the ``(B, h, w, 1)`` mask).
+    """
+    chex.assert_rank([maps, maps_transformed], 4)
+    ct = compute_dtype(maps, maps_transformed)
+    target = apply_transform(maps.astype(ct), transform)
+    if target.shape != maps_transformed.shape:
+        raise ValueError(
+            f"transform(maps) has shape {target.shape} but maps_transformed has "
+            f"{maps_transformed.shape}"
+        )
+    sq = jnp.square(maps_transformed.astype(ct) - target)
+    if mask is None:
+        return jnp.mean(sq)
+    batch, h, w, num_classes = maps.shape
+    valid = _batch_mask(mask, batch, h, w)[..., None].astype(ct)  # (B, h, w, 1)
+    m = apply_transform(valid, transform) > 0.5
+    total = jnp.sum(jnp.where(m, sq, 0.0))
+    return total / jnp.maximum(jnp.sum(m).astype(ct) * num_classes, 1.0)
+
+
+def saliency_consistency_loss(
+    maps: jax.Array,
+    labels: jax.Array,
+    tau: float = 0.1,
+    k_max: int | float = 0.1,
+    k_min: int | float = 0.1,
+    alpha: float = 1.0,
+    maps_transformed: jax.Array | None = None,
+    transform: Transform | None = None,
+    w_eq: float = 1.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """``L_SC = CE(softmax(tk_mmp(S)/tau), y) + w_eq * mean (S(Tx) - T S(x))**2``: f32 scalar.
+
+    ``maps (B, h, w, C)`` = S(x), ``labels (B,)``; the equivariance term is added only when
+    ``maps_transformed`` (= S(Tx), same shape) is given, and then ``transform`` (a callable on
+    ``(B, h, w, C)`` maps, or int D4 indices ``(B,)``) is required.
+    """
+    chex.assert_rank(maps, 4)
+    check_labels(labels, maps.shape[0])
+    loss = cross_entropy_loss(sc_logits(maps, k_max, k_min, alpha, tau, mask), labels)
+    if maps_transformed is None:
+        if transform is not None:
+            raise ValueError("transform was given without maps_transformed (the maps of T x)")
+        return loss
+    if transform is None:
+        raise ValueError("maps_transformed was given without the transform T that produced it")
+    return loss + w_eq * equivariance_loss(maps, maps_transformed, transform, mask)
