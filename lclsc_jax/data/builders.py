@@ -1,0 +1,387 @@
+"""TFDS builders (array_record, no TensorFlow) and the cached ``load`` entry point.
+
+Cache layout: ``CACHE/<key>/`` holds one built TFDS dataset plus ``lclsc_index.json``
+(class names, per-record labels/patients/splits). ``key`` is ``synthetic_pcle-<config name>``
+for the synthetic data and ``<source name>-<content hash>`` for users' data, the hash
+covering file paths, sizes, mtimes and the conversion settings. Builds go to a temporary
+sibling directory that is renamed into place only when complete, so a failed preparation
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from lclsc_jax.data import io as data_io
+from lclsc_jax.data.synthetic import SyntheticConfig, generate, patient_ids, patient_label
+
+INDEX_FILE = "lclsc_index.json"
+_CODE_PATH = epath.Path(__file__)
+USER_FORMAT_VERSION = "1.0.0"
+
+
+class _DropCustomConfigWarning(logging.Filter):
+    """Our configs are built from parameters by design; TFDS warns about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_DropCustomConfigWarning())
+
+
+def default_cache_dir() -> str:
+    """``$LCLSC_DATA_DIR`` or ``~/.cache/lclsc_jax``."""
+    return os.environ.get("LCLSC_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lclsc_jax")
+
+
+def _features(image_size: int, channels: int, class_names, with_mask: bool) -> tfds.features.FeaturesDict:
+    """Feature spec: image Tensor uint8 (H, W, C), ClassLabel, patient Text, [mask (H, W)]."""
+    f: dict[str, Any] = {
+        "image": tfds.features.Tensor(shape=(image_size, image_size, channels), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=list(class_names)),
+        "patient": tfds.features.Text(),
+    }
+    if with_mask:
+        f["mask"] = tfds.features.Tensor(shape=(image_size, image_size), dtype=np.uint8)
+    return tfds.features.FeaturesDict(f)
+
+
+@dataclasses.dataclass
+class SyntheticPcleConfig(tfds.core.BuilderConfig):
+    """BuilderConfig wrapping a SyntheticConfig; its name encodes every parameter."""
+
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+
+
+class SyntheticPcle(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder ``synthetic_pcle``: procedural pCLE-like frames with evidence masks."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    # TFDS's lookup of the code path needs `importlib_resources` for editable installs.
+    code_path = _CODE_PATH
+
+    def __init__(self, *, synthetic: SyntheticConfig | None = None, config=None, **kwargs):
+        # TFDS re-creates builders (e.g. when a data source is unpickled in a grain worker)
+        # by passing the original `config` object back: accept it.
+        if not isinstance(config, SyntheticPcleConfig):
+            synthetic = synthetic or SyntheticConfig()
+            config = SyntheticPcleConfig(name=synthetic.name(), synthetic=synthetic)
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config.synthetic
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Synthetic pCLE-like frames; class evidence only inside the masked discs.",
+            features=_features(cfg.image_size, 1, cfg.classes, True),
+            disable_shuffling=True,  # record i is (patient i // n, frame i % n)
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        yield from generate(self.builder_config.synthetic)
+
+
+@dataclasses.dataclass
+class UserImagesConfig(tfds.core.BuilderConfig):
+    """BuilderConfig for users' images: converted size/channels, classes, records."""
+
+    image_size: int = 128
+    channels: int = 1
+    class_names: tuple[str, ...] = ()
+    has_masks: bool = False
+    records: tuple[data_io.RecordSpec, ...] = ()
+
+
+class LclscUserImages(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder ``lclsc_user_images``: a folder or CSV manifest converted once."""
+
+    VERSION = tfds.core.Version(USER_FORMAT_VERSION)
+    RELEASE_NOTES = {USER_FORMAT_VERSION: "Initial release."}
+    code_path = _CODE_PATH
+
+    def __init__(self, *, user_config: UserImagesConfig | None = None, config=None, **kwargs):
+        config = user_config if user_config is not None else config
+        if not isinstance(config, UserImagesConfig):
+            raise TypeError(f"LclscUserImages needs a UserImagesConfig, got {config!r}")
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        c = self.builder_config
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Users' pCLE frames converted by lclsc_jax.data.",
+            features=_features(c.image_size, c.channels, c.class_names, c.has_masks),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        c = self.builder_config
+        for i, r in enumerate(c.records):
+            try:
+                ex = {
+                    "image": data_io.load_image_file(r.path, c.image_size, c.channels),
+                    "label": r.label,
+                    "patient": r.patient,
+                }
+                if c.has_masks:
+                    ex["mask"] = data_io.load_mask_file(r.mask, c.image_size, data_io.image_hw(r.path))
+            except data_io.DataError as e:
+                if r.where and r.where != r.path:  # CSV: also name the row
+                    raise data_io.DataError(f"{r.where}: {e}") from e
+                raise
+            yield i, ex
+
+
+class RecordSource:
+    """Random-access view of a built dataset: ``src[i]`` -> dict(image, label, patient, mask)."""
+
+    def __init__(self, tfds_source, image_size: int, has_masks: bool):
+        self._src = tfds_source
+        self._zeros = np.zeros((image_size, image_size), np.uint8)
+        self._has_masks = has_masks
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def _convert(self, ex: dict) -> dict:
+        p = ex["patient"]
+        return {
+            "image": ex["image"],
+            "label": int(ex["label"]),
+            "patient": p.decode() if isinstance(p, bytes) else str(p),
+            "mask": ex["mask"] if self._has_masks else self._zeros,
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        return self._convert(self._src[int(i)])
+
+    def __getitems__(self, idx) -> list[dict]:
+        """Batched read (array_record reads the records in one call)."""
+        return [self._convert(ex) for ex in self._src.__getitems__([int(i) for i in idx])]
+
+    def __repr__(self) -> str:
+        return f"RecordSource(n={len(self)}, has_masks={self._has_masks})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A built dataset: random-access ``source`` and per-record metadata arrays (N,)."""
+
+    source: RecordSource
+    class_names: tuple[str, ...]
+    labels: np.ndarray  # int32 (N,)
+    patients: np.ndarray  # str (N,)
+    has_masks: bool
+    image_size: int
+    channels: int
+    split_column: np.ndarray | None = None  # str (N,) from a manifest's `split` column
+    path: str = ""  # cache directory of the built dataset
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _atomic_build(final_dir: Path, build: Callable[[Path], dict]) -> None:
+    """Run ``build(tmp_dir) -> index`` in a temp dir, write the index, rename into place."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
+    try:
+        index = build(tmp)
+        (tmp / INDEX_FILE).write_text(json.dumps(index))
+        try:
+            os.rename(tmp, final_dir)
+        except OSError:
+            if not (final_dir / INDEX_FILE).exists():  # lost a race only if the winner finished
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuilder]) -> Dataset:
+    """Open a built cache directory as a Dataset."""
+    index = json.loads((final_dir / INDEX_FILE).read_text())
+    builder = make_builder(final_dir)
+    src = builder.as_data_source(split="train")
+    n = len(index["labels"])
+    if len(src) != n:
+        raise RuntimeError(f"{final_dir}: corrupt cache ({len(src)} records, index says {n}); delete it")
+    split = index.get("split")
+    return Dataset(
+        source=RecordSource(src, index["image_size"], index["has_masks"]),
+        class_names=tuple(index["class_names"]),
+        labels=np.asarray(index["labels"], np.int32),
+        patients=np.asarray(index["patients"], dtype=str),
+        has_masks=bool(index["has_masks"]),
+        image_size=int(index["image_size"]),
+        channels=int(index["channels"]),
+        split_column=None if split is None else np.asarray(split, dtype=str),
+        path=str(final_dir),
+    )
+
+
+def _quiet_prepare(builder: tfds.core.DatasetBuilder) -> None:
+    """download_and_prepare without network access or progress bars."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    dl = tfds.download.DownloadConfig(try_download_gcs=False)
+    was_active = tqdm_utils._active  # pylint: disable=protected-access
+    tqdm_utils.display_progress_bar(False)
+    try:
+        builder.download_and_prepare(download_config=dl)
+    finally:
+        tqdm_utils.display_progress_bar(was_active)
+
+
+def load_synthetic(config: SyntheticConfig, cache_dir: str | os.PathLike) -> Dataset:
+    """Build (once) and open the ``synthetic_pcle`` dataset for ``config``."""
+    final = Path(cache_dir) / f"synthetic_pcle-{config.name()}"
+
+    def make(data_dir: Path):
+        return SyntheticPcle(synthetic=config, data_dir=str(data_dir))
+
+    def build(tmp: Path) -> dict:
+        _quiet_prepare(make(tmp))
+        pids = patient_ids(config)
+        n = config.images_per_patient
+        return {
+            "class_names": list(config.classes),
+            "labels": [patient_label(config, p) for p in range(config.num_patients) for _ in range(n)],
+            "patients": [pids[p] for p in range(config.num_patients) for _ in range(n)],
+            "has_masks": True,
+            "image_size": config.image_size,
+            "channels": 1,
+            "split": None,
+            "source": "synthetic",
+            "config": dataclasses.asdict(config),
+        }
+
+    if not (final / INDEX_FILE).exists():
+        _atomic_build(final, build)
+    return _open(final, make)
+
+
+def _content_hash(records, class_names, image_size: int, channels: int, source: str) -> str:
+    """Hash of paths, sizes, mtimes, labels, patients, masks, splits and conversion settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps([USER_FORMAT_VERSION, source, list(class_names), image_size, channels]).encode())
+    for r in records:
+        for p in (r.path, r.mask):
+            if p is None:
+                h.update(b"\0none")
+                continue
+            st = os.stat(p)
+            h.update(json.dumps([os.path.abspath(p), st.st_size, st.st_mtime_ns]).encode())
+        h.update(json.dumps([r.label, r.patient, r.split]).encode())
+    return h.hexdigest()[:16]
+
+
+def load_user(
+    source: str | os.PathLike, image_size: int, channels: int, cache_dir: str | os.PathLike
+) -> Dataset:
+    """Build (once per content) and open a dataset from a folder or CSV manifest."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    src = Path(source)
+    if src.is_dir():
+        class_names, records = data_io.scan_folder(src)
+    elif src.suffix.lower() == ".csv":
+        class_names, records = data_io.read_manifest(src)
+    else:
+        raise data_io.DataError(f"{src}: not a folder or a .csv manifest (or 'synthetic')")
+    has_masks = any(r.mask is not None for r in records)
+    if has_masks:
+        missing = next((r for r in records if r.mask is None), None)
+        if missing is not None:
+            raise data_io.DataError(f"{missing.where}: no mask although other rows have masks")
+    has_split = any(r.split is not None for r in records)
+    key = _content_hash(records, class_names, image_size, channels, str(src.resolve()))
+    final = Path(cache_dir) / f"{src.stem or 'data'}-{key}"
+    ucfg = UserImagesConfig(
+        name=key,
+        image_size=image_size,
+        channels=channels,
+        class_names=tuple(class_names),
+        has_masks=has_masks,
+        records=tuple(records),
+    )
+
+    def make(data_dir: Path):
+        return LclscUserImages(user_config=ucfg, data_dir=str(data_dir))
+
+    def build(tmp: Path) -> dict:
+        _quiet_prepare(make(tmp))
+        return {
+            "class_names": list(class_names),
+            "labels": [r.label for r in records],
+            "patients": [r.patient for r in records],
+            "has_masks": has_masks,
+            "image_size": image_size,
+            "channels": channels,
+            "split": [r.split for r in records] if has_split else None,
+            "source": str(src.resolve()),
+            "files": [r.path for r in records],
+        }
+
+    if not (final / INDEX_FILE).exists():
+        _atomic_build(final, build)
+    return _open(final, make)
+
+
+def load(
+    source: str = "synthetic",
+    *,
+    image_size: int | None = None,
+    channels: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    synthetic: SyntheticConfig | None = None,
+) -> Dataset:
+    """Build once (cached array_record TFDS dataset) and open ``source`` as a Dataset.
+
+    ``source``: ``"synthetic"``, a folder ``ROOT/<class>/<patient>/<frame>.<ext>`` or a CSV
+    manifest. ``image_size`` defaults to 128 (or to ``synthetic.image_size``); giving both
+    with different values is an error. Synthetic images are grayscale (channels=1 only).
+    """
+    cache_dir = Path(cache_dir or default_cache_dir())
+    if source == "synthetic":
+        if channels != 1:
+            raise ValueError("the synthetic dataset is grayscale: use channels=1")
+        cfg = synthetic or SyntheticConfig(image_size=image_size or 128)
+        if image_size is not None and image_size != cfg.image_size:
+            raise ValueError(
+                f"image_size={image_size} contradicts synthetic.image_size={cfg.image_size}"
+            )
+        return load_synthetic(cfg, cache_dir)
+    if synthetic is not None:
+        raise ValueError("`synthetic` config given but source is not 'synthetic'")
+    return load_user(source, image_size or 128, channels, cache_dir)

@@ -1,0 +1,222 @@
+"""Reading users' images, masks, folders and CSV manifests into validated record lists.
+
+Conversion (shared by dataset preparation and ``lclsc predict``):
+  * bit depth: integer images are scaled by their dtype's maximum (8-bit: /255,
+    16-bit: /65535), float images are assumed to be in [0, 1]; then rounded to uint8.
+  * channels: RGB -> gray by ITU-R 601 luminance (0.299 R + 0.587 G + 0.114 B) when
+    ``channels == 1``; gray -> RGB by repetition when ``channels == 3``; alpha dropped.
+  * size: resized to (image_size, image_size) with Pillow, bilinear for images,
+    nearest for masks (aspect ratio is not preserved: pCLE frames are square).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+MANIFEST_COLUMNS = ("path", "label", "patient")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and CSV row) at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSpec:
+    """One image to convert: its file, class index, patient, optional mask and split."""
+
+    path: str
+    label: int
+    patient: str
+    mask: str | None = None
+    split: str | None = None
+    where: str = ""  # human-readable origin ("manifest.csv line 7") for error messages
+
+
+def _read_raw(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to an array (H, W) or (H, W, C) in its native dtype."""
+    p = str(path)
+    if not os.path.exists(p):
+        raise DataError(f"{p}: file does not exist")
+    try:
+        if p.lower().endswith((".tif", ".tiff")):
+            import tifffile
+
+            arr = np.asarray(tifffile.imread(p))
+        else:
+            with Image.open(p) as im:
+                im.load()
+                if im.mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                arr = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as e:  # PIL/tifffile raise many types for broken files
+        raise DataError(f"{p}: unreadable or truncated image ({type(e).__name__}: {e})") from e
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar TIFF (C, H, W)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4)):
+        raise DataError(f"{p}: unsupported image shape {arr.shape} (expected (H, W) or (H, W, C<=4))")
+    if arr.size == 0:
+        raise DataError(f"{p}: empty image")
+    return arr
+
+
+def _to_unit_float(arr: np.ndarray, path: str) -> np.ndarray:
+    """Scale by the dtype's maximum to float32 in [0, 1] (H, W[, C])."""
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    if np.issubdtype(arr.dtype, np.floating):
+        return np.clip(arr.astype(np.float32), 0.0, 1.0)
+    raise DataError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+def _to_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W[, C]) float -> (H, W, channels): luminance for gray, repetition for RGB."""
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.shape[-1] in (2, 4):  # drop alpha
+        x = x[..., :-1]
+    if channels == 1:
+        if x.shape[-1] == 3:
+            x = x @ np.array([0.299, 0.587, 0.114], np.float32)
+            x = x[..., None]
+        return x
+    if channels == 3:
+        return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
+
+
+def _resize(x: np.ndarray, size: int, resample: int) -> np.ndarray:
+    """Resize a float (H, W) plane to (size, size) with Pillow."""
+    if x.shape == (size, size):
+        return x
+    return np.asarray(Image.fromarray(x, mode="F").resize((size, size), resample=resample))
+
+
+def load_image_file(path: str | os.PathLike, image_size: int, channels: int = 1) -> np.ndarray:
+    """Read and convert one image file to uint8 (image_size, image_size, channels)."""
+    p = str(path)
+    x = _to_channels(_to_unit_float(_read_raw(p), p), channels)
+    planes = [_resize(x[..., c], image_size, Image.Resampling.BILINEAR) for c in range(x.shape[-1])]
+    y = np.stack(planes, axis=-1)
+    return np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
+
+
+def load_mask_file(
+    path: str | os.PathLike, image_size: int, expected_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Read a binary mask (nonzero = evidence) to uint8 {0, 1} (image_size, image_size)."""
+    p = str(path)
+    raw = _read_raw(p)
+    if expected_hw is not None and raw.shape[:2] != tuple(expected_hw):
+        raise DataError(
+            f"{p}: mask shape {raw.shape[:2]} differs from its image's shape {tuple(expected_hw)}"
+        )
+    m = (raw.max(axis=-1) if raw.ndim == 3 else raw) > 0
+    img = Image.fromarray(m.astype(np.uint8) * 255).resize(
+        (image_size, image_size), resample=Image.Resampling.NEAREST
+    )
+    return (np.asarray(img) > 127).astype(np.uint8)
+
+
+def image_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """Height and width of an image file without converting it."""
+    return tuple(_read_raw(path).shape[:2])  # type: ignore[return-value]
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[RecordSpec]]:
+    """List ROOT/<class>/<patient>/<frame>.<ext> files; returns (class_names, records)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders (expected ROOT/<class>/<patient>/<frame>.png)")
+    class_names = tuple(d.name for d in class_dirs)
+    records: list[RecordSpec] = []
+    for label, cdir in enumerate(class_dirs):
+        n_before = len(records)
+        for pdir in sorted(d for d in cdir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for f in sorted(pdir.iterdir()):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    records.append(RecordSpec(str(f), label, pdir.name, where=str(f)))
+        if len(records) == n_before:
+            raise DataError(
+                f"{cdir}: class '{cdir.name}' has no images "
+                f"(expected {cdir}/<patient>/<frame>{{{','.join(IMAGE_EXTENSIONS)}}})"
+            )
+    return class_names, records
+
+
+def read_manifest(
+    csv_path: str | os.PathLike, class_names: tuple[str, ...] | None = None
+) -> tuple[tuple[str, ...], list[RecordSpec]]:
+    """Parse a CSV manifest (path,label,patient[,mask][,split]); returns (class_names, records).
+
+    Paths are relative to the CSV's folder. Without ``class_names`` the classes are the
+    sorted distinct labels; with them, any other label is an error naming its row.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: manifest does not exist")
+    base = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        if missing:
+            raise DataError(
+                f"{csv_path} line 1: missing column(s) {missing}; header is {header} "
+                f"(required: {list(MANIFEST_COLUMNS)}, optional: ['mask', 'split'])"
+            )
+        reader.fieldnames = header
+        rows = []
+        for row in reader:
+            line = reader.line_num
+            rows.append((line, {k: (v or "").strip() for k, v in row.items() if k is not None}))
+    if not rows:
+        raise DataError(f"{csv_path}: manifest has no rows")
+    labels_seen = sorted({r["label"] for _, r in rows})
+    if class_names is None:
+        class_names = tuple(labels_seen)
+    index = {c: i for i, c in enumerate(class_names)}
+    records = []
+    for line, r in rows:
+        where = f"{csv_path} line {line}"
+        for col in MANIFEST_COLUMNS:
+            if not r.get(col):
+                raise DataError(f"{where}: empty '{col}'")
+        if r["label"] not in index:
+            raise DataError(f"{where}: unknown label '{r['label']}' (known: {list(class_names)})")
+        path = base / r["path"]
+        if not path.is_file():
+            raise DataError(f"{where}: image path '{r['path']}' does not exist ({path})")
+        mask = None
+        if r.get("mask"):
+            mpath = base / r["mask"]
+            if not mpath.is_file():
+                raise DataError(f"{where}: mask path '{r['mask']}' does not exist ({mpath})")
+            mask = str(mpath)
+        split = None
+        if "split" in header:
+            split = r.get("split", "")
+            if split not in SPLIT_NAMES:
+                raise DataError(f"{where}: split '{split}' must be one of {list(SPLIT_NAMES)}")
+        records.append(
+            RecordSpec(str(path), index[r["label"]], r["patient"], mask, split, where)
+        )
+    counts = np.bincount([r.label for r in records], minlength=len(class_names))
+    empty = [c for c, n in zip(class_names, counts) if n == 0]
+    if empty:
+        raise DataError(f"{csv_path}: class(es) {empty} have no images")
+    return class_names, records

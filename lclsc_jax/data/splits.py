@@ -1,0 +1,165 @@
+"""Patient-wise splits: fixed train/val/test, stratified grouped k-fold, leave-one-patient-out.
+
+Every split returns record indices (sorted int64 arrays). A patient never appears on two
+sides; ``check_disjoint`` enforces it and every function here calls it on its result.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from lclsc_jax.data.builders import Dataset
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def _patient_labels(patients: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique patients (P,) and each one's majority label (P,) (0 without labels)."""
+    uniq = np.unique(patients)
+    if labels is None:
+        return uniq, np.zeros(len(uniq), np.int64)
+    labels = np.asarray(labels)
+    if labels.shape != patients.shape:
+        raise ValueError(f"labels shape {labels.shape} != patients shape {patients.shape}")
+    maj = []
+    for p in uniq:
+        counts = Counter(labels[patients == p].tolist())
+        maj.append(min(counts, key=lambda c: (-counts[c], c)))
+    return uniq, np.asarray(maj, np.int64)
+
+
+def _records_of(patients: np.ndarray, chosen) -> np.ndarray:
+    """Record indices (sorted, int64) whose patient is in ``chosen``."""
+    return np.flatnonzero(np.isin(patients, np.asarray(list(chosen), dtype=patients.dtype))).astype(np.int64)
+
+
+def check_disjoint(patients, splits: dict[str, np.ndarray]) -> None:
+    """Raise ValueError naming the patients shared by any two splits {name: record indices}."""
+    patients = np.asarray(patients)
+    sets = {k: set(patients[np.asarray(v, dtype=np.int64)].tolist()) for k, v in splits.items()}
+    names = list(sets)
+    problems = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = sorted(sets[a] & sets[b])
+            if shared:
+                more = f" (+{len(shared) - 10} more)" if len(shared) > 10 else ""
+                problems.append(f"'{a}' and '{b}' share patient(s) {shared[:10]}{more}")
+    if problems:
+        raise ValueError("patient-wise split violated: " + "; ".join(problems))
+
+
+def _stratified_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(n_val, n_test) patients of one class; at least one each when the class allows it."""
+    n_test = int(round(test_fraction * n))
+    if test_fraction > 0 and n >= 2:
+        n_test = max(1, n_test)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n - n_test >= 2:
+        n_val = max(1, n_val)
+    n_test = min(n_test, max(n - 1, 0))
+    n_val = min(n_val, max(n - n_test - 1, 0))
+    return n_val, n_test
+
+
+def patient_split(
+    patients,
+    labels=None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    split_column=None,
+) -> dict[str, np.ndarray]:
+    """{"train","val","test"}: record indices (sorted) by patient, stratified by class.
+
+    With ``split_column`` (N,) of "train"/"val"/"test" (a manifest's ``split``), it is used
+    as given, after checking that no patient is in two splits.
+    """
+    patients = np.asarray(patients).astype(str)
+    if split_column is not None:
+        col = np.asarray(split_column).astype(str)
+        if col.shape != patients.shape:
+            raise ValueError(f"split_column shape {col.shape} != patients shape {patients.shape}")
+        bad = sorted(set(col.tolist()) - set(SPLIT_ORDER))
+        if bad:
+            raise ValueError(f"split_column has unknown values {bad}; expected {list(SPLIT_ORDER)}")
+        splits = {k: np.flatnonzero(col == k).astype(np.int64) for k in SPLIT_ORDER}
+        check_disjoint(patients, splits)
+        return splits
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"bad fractions: val={val_fraction}, test={test_fraction}")
+    uniq, plab = _patient_labels(patients, labels)
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, list[str]] = {k: [] for k in SPLIT_ORDER}
+    for c in np.unique(plab):
+        group = uniq[plab == c]
+        group = group[rng.permutation(len(group))]
+        n_val, n_test = _stratified_counts(len(group), val_fraction, test_fraction)
+        chosen["test"] += group[:n_test].tolist()
+        chosen["val"] += group[n_test : n_test + n_val].tolist()
+        chosen["train"] += group[n_test + n_val :].tolist()
+    splits = {k: _records_of(patients, v) for k, v in chosen.items()}
+    check_disjoint(patients, splits)
+    return splits
+
+
+def splits_for(
+    ds: Dataset, val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """patient_split for a Dataset, honouring its manifest ``split`` column when present."""
+    return patient_split(
+        ds.patients, ds.labels, val_fraction, test_fraction, seed, split_column=ds.split_column
+    )
+
+
+def patient_kfold(patients, k: int, seed: int = 0, labels=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k (train_idx, test_idx) folds grouped by patient, stratified by class when ``labels`` given."""
+    patients = np.asarray(patients).astype(str)
+    uniq, plab = _patient_labels(patients, labels)
+    if not 2 <= k <= len(uniq):
+        raise ValueError(f"k={k} must be in [2, number of patients={len(uniq)}]")
+    rng = np.random.default_rng(seed)
+    fold_of: dict[str, int] = {}
+    nxt = 0  # dealing continues across classes, so fold sizes differ by at most one patient
+    for c in np.unique(plab):
+        group = uniq[plab == c]
+        for p in group[rng.permutation(len(group))]:
+            fold_of[str(p)] = nxt
+            nxt = (nxt + 1) % k
+    folds = []
+    for f in range(k):
+        test_p = [p for p, ff in fold_of.items() if ff == f]
+        test = _records_of(patients, test_p)
+        train = np.setdiff1d(np.arange(len(patients), dtype=np.int64), test)
+        check_disjoint(patients, {"train": train, "test": test})
+        folds.append((train, test))
+    return folds
+
+
+def leave_one_patient_out(patients) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One (train_idx, test_idx) fold per patient (sorted by patient id)."""
+    patients = np.asarray(patients).astype(str)
+    uniq = np.unique(patients)
+    if len(uniq) < 2:
+        raise ValueError("leave-one-patient-out needs at least 2 patients")
+    folds = []
+    for p in uniq:
+        test = np.flatnonzero(patients == p).astype(np.int64)
+        train = np.flatnonzero(patients != p).astype(np.int64)
+        folds.append((train, test))
+    return folds
+
+
+def split_report(ds: Dataset, splits: dict[str, np.ndarray]) -> str:
+    """Markdown table: per split, records per class, total records and patients."""
+    head = ["split", *ds.class_names, "records", "patients"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, idx in splits.items():
+        idx = np.asarray(idx, dtype=np.int64)
+        counts = np.bincount(ds.labels[idx], minlength=ds.num_classes)
+        n_pat = len(np.unique(ds.patients[idx]))
+        row = [name, *map(str, counts.tolist()), str(len(idx)), str(n_pat)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
