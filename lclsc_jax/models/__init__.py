@@ -1,0 +1,32 @@
+"""Flax Linen backbones (tiny CNN, ResNet-18/34/50) exposing every stage's feature map by name.
+
+>>> model = create("resnet18", num_classes=2, head="gei")
+>>> variables = model.init(rng, images, train=False)
+>>> out = model.apply(variables, images, train=False)   # features, pooled, embedding, ...
+"""
+
+from lclsc_jax.models.model import (
+    ARCH_SPECS,
+    ARCHS,
+    HEADS,
+    ArchSpec,
+    Model,
+    arch_spec,
+    create,
+    num_params,
+    stage_channels,
+    stage_strides,
+)
+
+__all__ = [
+    "ARCHS",
+    "ARCH_SPECS",
+    "HEADS",
+    "ArchSpec",
+    "Model",
+    "arch_spec",
+    "create",
+    "num_params",
+    "stage_channels",
+    "stage_strides",
+]

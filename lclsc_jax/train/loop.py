@@ -203,7 +203,8 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
         if init_from:
             from lclsc_jax import interop
 
-            variables, report = interop.init_backbone_from(state.variables, init_from, cfg.model.arch)
+            variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
+                                                            return_report=True)
             state = jax.device_put(state.replace(params=variables["params"],
                                                  batch_stats=variables["batch_stats"]),
                                    shd.replicated(mesh))

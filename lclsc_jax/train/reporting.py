@@ -78,20 +78,19 @@ class Progress:
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         """Advance to ``step`` and show ``metrics``."""
+        prev, self.step = self.step, step
         if not self.enabled:
-            self.step = step
             return
         ips = self.rate()
         eta = (self.total - step) * self.batch_size / ips if ips > 0 else float("nan")
         shown = {k: metrics[k] for k in ("loss", "accuracy") if k in metrics}
         if self._bar is not None:
-            self._bar.update(step - self.step)
+            self._bar.update(step - prev)
             self._bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "img/s": f"{ips:.0f}"})
         else:
             parts = " ".join(f"{k}={v:.4f}" for k, v in shown.items())
             print(f"step {step}/{self.total} {parts} img/s={ips:.1f} eta={_fmt_eta(eta)}",
                   file=self.stream, flush=True)
-        self.step = step
 
     def write(self, msg: str) -> None:
         """Print a message without breaking the bar."""

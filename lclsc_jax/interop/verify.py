@@ -1,0 +1,138 @@
+"""Cross-framework parity: the same weights and batch through Flax and the PyTorch reference."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lclsc_jax import models
+from lclsc_jax.interop.torch_reference import RESNET_LAYERS, require_torch, torch_resnet
+from lclsc_jax.interop.weights import (
+    abstract_variables,
+    model_config_from_state_dict,
+    read_state_dict,
+    state_dict_to_variables,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDiff:
+    """Max |jax - torch| and that divided by max |torch| for one named output tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """Per-tensor differences between the JAX model and the PyTorch reference."""
+
+    arch: str
+    tol: float
+    diffs: tuple[TensorDiff, ...]
+
+    @property
+    def passed(self) -> bool:
+        """True when every compared tensor is within ``tol`` (relative)."""
+        return all(d.passed for d in self.diffs)
+
+    def format(self) -> str:
+        """Printable table: one row per tensor plus an overall PASS/FAIL line."""
+        w = max(len(d.name) for d in self.diffs)
+        rows = [f"{'tensor':<{w}}  {'shape':<20} {'max_abs':>11} {'max_rel':>11}  result"]
+        for d in self.diffs:
+            rows.append(
+                f"{d.name:<{w}}  {str(d.shape):<20} {d.max_abs:11.3e} {d.max_rel:11.3e}  "
+                + ("pass" if d.passed else "FAIL")
+            )
+        verdict = "PASS" if self.passed else "FAIL"
+        rows.append(f"{verdict}: {self.arch}, relative tolerance {self.tol:g} (max_abs / max|torch|)")
+        return "\n".join(rows)
+
+
+def tensor_diff(name: str, got: np.ndarray, ref: np.ndarray, tol: float) -> TensorDiff:
+    """Compare got vs ref (same shape): max abs diff and its ratio to max |ref|."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return TensorDiff(name, tuple(ref.shape), float("inf"), float("inf"), False)
+    max_abs = float(np.max(np.abs(got - ref))) if ref.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    return TensorDiff(name, tuple(ref.shape), max_abs, max_rel, bool(max_rel <= tol))
+
+
+def compare_outputs(jax_out: Mapping[str, Any], torch_out: Mapping[str, Any], arch: str, tol: float) -> VerifyReport:
+    """Diff every stage (torch NCHW -> NHWC), pooled, logits and embedding present in both."""
+    diffs = []
+    for stage, ref in torch_out["features"].items():
+        ref = np.transpose(np.asarray(ref), (0, 2, 3, 1))
+        diffs.append(tensor_diff(f"features/{stage}", np.asarray(jax_out["features"][stage]), ref, tol))
+    for key in ("pooled", "logits", "embedding"):
+        if key in torch_out and key in jax_out:
+            diffs.append(tensor_diff(key, np.asarray(jax_out[key]), np.asarray(torch_out[key]), tol))
+    return VerifyReport(arch, tol, tuple(diffs))
+
+
+def verify(
+    weights_path: str | Path | Mapping[str, Any],
+    arch: str,
+    batch_size: int = 2,
+    image_size: int = 224,
+    in_channels: int | None = None,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> VerifyReport:
+    """Run one random (B, H, W, C) batch through both frameworks in eval mode and diff the outputs.
+
+    ``in_channels`` defaults to the weights' (``conv1.weight.shape[1]``); a different value is an
+    error. Matmuls/convs run at full float32 precision on both sides.
+    """
+    if arch not in RESNET_LAYERS:
+        raise ValueError(f"verify supports {tuple(RESNET_LAYERS)} (PyTorch reference), got {arch!r}")
+    torch = require_torch()
+    sd = read_state_dict(weights_path)
+    cfg = model_config_from_state_dict(sd, arch)
+    if in_channels is not None and in_channels != cfg["in_channels"]:
+        raise ValueError(
+            f"in_channels={in_channels} but the weights' conv1 takes {cfg['in_channels']} channels"
+        )
+    model = models.create(arch, **cfg)
+    variables, _ = state_dict_to_variables(sd, abstract_variables(model), strict=True)
+    has_head = "embed_dim" in cfg
+    if not has_head:  # the JAX model always has a projection head; it is not compared
+        init = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, cfg["in_channels"])), train=False)
+        variables["params"]["head"] = init["params"]["head"]
+
+    x = np.random.default_rng(seed).standard_normal(
+        (batch_size, image_size, image_size, cfg["in_channels"])
+    ).astype(np.float32)
+    with jax.default_matmul_precision("float32"):
+        jax_out = jax.jit(lambda v, im: model.apply(v, im, train=False))(variables, jnp.asarray(x))
+    jax_out = jax.tree_util.tree_map(np.asarray, jax_out)
+
+    net = torch_resnet(
+        arch,
+        num_classes=cfg["num_classes"] if cfg["head"] == "linear" else None,
+        in_channels=cfg["in_channels"],
+        embed_dim=cfg.get("embed_dim"),
+        head_hidden=cfg.get("head_hidden"),
+    )
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+    net.eval()
+    with torch.no_grad():  # CPU, float32
+        out = net(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()))
+    torch_out = {
+        "features": {k: v.numpy() for k, v in out["features"].items()},
+        **{k: v.numpy() for k, v in out.items() if k != "features"},
+    }
+    return compare_outputs(jax_out, torch_out, arch, tol)

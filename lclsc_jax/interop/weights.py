@@ -1,0 +1,423 @@
+"""PyTorch (torchvision-named) state_dicts <-> this project's Flax variables.
+
+Naming (Flax path -> torch key):
+  params/conv1/kernel (H, W, I, O)           <-> conv1.weight (O, I, H, W)
+  params/bn1/{scale,bias}                     <-> bn1.{weight,bias}
+  batch_stats/bn1/{mean,var}                  <-> bn1.{running_mean,running_var}
+  params/layer2_0/downsample_conv/kernel      <-> layer2.0.downsample.0.weight
+  params/layer2_0/downsample_bn/...           <-> layer2.0.downsample.1.*
+  params/fc/kernel (c, K), bias               <-> fc.weight (K, c), fc.bias
+  params/head/hidden/*, params/head/proj/*    <-> head.0.*, head.2.*  (Sequential(Linear, ReLU, Linear))
+``*.num_batches_tracked`` is accepted and ignored on import and exported as an int64 scalar 0.
+Reading ``.pt``/``.pth`` never executes pickled code (``torch.load(weights_only=True)``);
+``.safetensors`` needs no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lclsc_jax import models
+from lclsc_jax.interop.torch_reference import require_torch
+
+log = logging.getLogger(__name__)
+
+PathLike = str | Path
+StateDict = dict[str, np.ndarray]
+TORCH_SUFFIXES = (".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+OPTIONAL_GROUPS = ("fc", "head")  # loaded if present in the file, as a whole
+NBT = "num_batches_tracked"
+
+_MODULE_RENAMES = {
+    "downsample_conv": "downsample.0",
+    "downsample_bn": "downsample.1",
+    "hidden": "0",
+    "proj": "2",
+}
+_LEAF_RENAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file is not a plain tensor state_dict (it would need to execute pickled code)."""
+
+
+class WeightsMismatchError(ValueError):
+    """The state_dict does not match the architecture (missing/unexpected/mis-shaped keys)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What an import did: torch keys loaded, missing, unexpected, mis-shaped, ignored, skipped."""
+
+    loaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()  # key, file, expected
+    ignored: tuple[str, ...] = ()  # num_batches_tracked
+    skipped: tuple[str, ...] = ()  # deliberately not loaded (e.g. heads for init_backbone_from)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, unexpected or mis-shaped."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def format(self) -> str:
+        """Human-readable summary listing every problem key by name."""
+        lines = [f"loaded {len(self.loaded)} tensors, ignored {len(self.ignored)} num_batches_tracked"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} (not part of the target): " + ", ".join(self.skipped))
+        if self.missing:
+            lines.append(f"missing {len(self.missing)}: " + ", ".join(self.missing))
+        if self.unexpected:
+            lines.append(f"unexpected {len(self.unexpected)}: " + ", ".join(self.unexpected))
+        if self.mismatched:
+            lines.append(
+                f"mis-shaped {len(self.mismatched)}: "
+                + ", ".join(f"{k} file {tuple(a)} expected {tuple(b)}" for k, a, b in self.mismatched)
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- naming + layout
+
+
+def torch_key(collection: str, path: tuple[str, ...]) -> str:
+    """Torch key of a Flax leaf, e.g. ('params', ('layer1_0', 'conv1', 'kernel')) -> 'layer1.0.conv1.weight'."""
+    *mods, leaf = path
+    parts = []
+    for m in mods:
+        if m in _MODULE_RENAMES:
+            parts.append(_MODULE_RENAMES[m])
+        elif m.startswith("layer") and "_" in m:
+            parts.append(m.replace("_", ".", 1))  # layer3_2 -> layer3.2
+        else:
+            parts.append(m)
+    try:
+        parts.append(_LEAF_RENAMES[(collection, leaf)])
+    except KeyError:
+        raise ValueError(f"no torch name for Flax variable {collection}/{'/'.join(path)}") from None
+    return ".".join(parts)
+
+
+def flax_to_torch_layout(x: np.ndarray) -> np.ndarray:
+    """Conv HWIO -> OIHW, Dense (in, out) -> (out, in); vectors unchanged."""
+    if x.ndim == 4:
+        return np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)))
+    if x.ndim == 2:
+        return np.ascontiguousarray(x.T)
+    return np.asarray(x)
+
+
+def torch_to_flax_layout(x: np.ndarray) -> np.ndarray:
+    """Conv OIHW -> HWIO, Linear (out, in) -> (in, out); vectors unchanged."""
+    if x.ndim == 4:
+        return np.ascontiguousarray(np.transpose(x, (2, 3, 1, 0)))
+    if x.ndim == 2:
+        return np.ascontiguousarray(x.T)
+    return np.asarray(x)
+
+
+def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of a Flax leaf once in torch layout."""
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def _flatten(variables: Mapping[str, Any]) -> dict[tuple[str, tuple[str, ...]], Any]:
+    """{(collection, path): leaf} for the 'params' and 'batch_stats' collections."""
+    flat = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables.get(collection, {})))[0]:
+            flat[(collection, tuple(str(k.key) for k in path))] = leaf
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, tuple[str, ...]], Any]) -> dict[str, Any]:
+    """Inverse of :func:`_flatten` into nested plain dicts."""
+    out: dict[str, Any] = {}
+    for (collection, path), leaf in flat.items():
+        node = out.setdefault(collection, {})
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+    """A torch tensor or array-like -> numpy (bfloat16 upcast to float32, losslessly)."""
+    if hasattr(value, "detach"):  # torch.Tensor
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value)
+    raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
+
+
+def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
+    """Find the tensor dict in common checkpoint containers ({'state_dict': ...}, DataParallel)."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: refuses (without running it) any pickled code."""
+    torch = require_torch()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it is not a plain tensor state_dict and loading it would "
+            f"execute pickled code ({str(e).splitlines()[0]}). Save weights with "
+            f"torch.save(model.state_dict(), path) or use .safetensors."
+        ) from None
+
+
+def read_state_dict(source: PathLike | Mapping[str, Any]) -> StateDict:
+    """A ``.safetensors`` / ``.pt`` / ``.pth`` file or an in-memory state_dict -> {key: np.ndarray}."""
+    if isinstance(source, Mapping):
+        obj: Any = source
+        name = "state_dict"
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == SAFETENSORS_SUFFIX:
+            try:
+                from safetensors.numpy import load_file
+            except ImportError as e:  # pragma: no cover - environment dependent
+                raise ImportError("reading .safetensors needs `pip install safetensors`") from e
+            obj = load_file(str(path))
+        elif suffix in TORCH_SUFFIXES:
+            obj = _torch_load(path)
+        else:
+            raise ValueError(
+                f"{path}: unsupported weights format {suffix!r}; expected one of "
+                f"{(SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)}"
+            )
+    obj = _unwrap(obj, name)
+    return {str(k): _to_numpy(v, str(k)) for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------- config + templates
+
+
+def _first_conv_key(arch: str) -> str:
+    return "stem_conv.weight" if arch == "tiny" else "conv1.weight"
+
+
+def model_config_from_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """``models.create`` kwargs (num_classes, head, embed_dim, in_channels, head_hidden) implied by a state_dict."""
+    models.arch_spec(arch)
+    first = _first_conv_key(arch)
+    if first not in state_dict:
+        raise WeightsMismatchError(
+            f"state_dict has no {first!r}: is it a torchvision-named {arch} state_dict? "
+            f"first keys: {list(state_dict)[:5]}"
+        )
+    cfg: dict[str, Any] = {"in_channels": int(np.shape(state_dict[first])[1]), "head": "gei", "num_classes": 1}
+    if "fc.weight" in state_dict:
+        cfg["head"] = "linear"
+        cfg["num_classes"] = int(np.shape(state_dict["fc.weight"])[0])
+    if "head.2.weight" in state_dict and "head.0.weight" in state_dict:
+        cfg["embed_dim"] = int(np.shape(state_dict["head.2.weight"])[0])
+        cfg["head_hidden"] = int(np.shape(state_dict["head.0.weight"])[0])
+    return cfg
+
+
+def abstract_variables(model: models.Model) -> dict[str, Any]:
+    """Shapes/dtypes of ``model``'s variables without computing them (jax.eval_shape)."""
+    x = jnp.zeros((1, 32, 32, model.in_channels), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+
+# ---------------------------------------------------------------- import
+
+
+def _expected(template: Mapping[str, Any]) -> dict[str, tuple[tuple[str, tuple[str, ...]], Any]]:
+    """{torch_key: ((collection, path), template_leaf)} for every leaf of ``template``."""
+    return {torch_key(c, p): ((c, p), leaf) for (c, p), leaf in _flatten(template).items()}
+
+
+def state_dict_to_variables(
+    state_dict: Mapping[str, np.ndarray],
+    template: Mapping[str, Any],
+    *,
+    strict: bool = True,
+    optional_groups: tuple[str, ...] = OPTIONAL_GROUPS,
+    skip_groups: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], LoadReport]:
+    """Map a torch-named state_dict onto ``template``'s Flax variables; returns (variables, report).
+
+    Every problem is collected before anything is converted; with ``strict`` any missing,
+    unexpected or mis-shaped key raises :class:`WeightsMismatchError` listing them all. A group in
+    ``optional_groups`` (top-level ``fc``/``head``) is required only if the file has any of its keys.
+    Keys of ``skip_groups`` are not loaded and listed as skipped. Leaves not loaded keep the
+    template's value if it is concrete, otherwise they are left out of the result.
+    """
+    expected = _expected(template)
+    present_groups = {k.split(".", 1)[0] for k in state_dict}
+    skipped = tuple(sorted(k for k in state_dict if k.split(".", 1)[0] in skip_groups))
+    ignored = tuple(
+        sorted(k for k in state_dict if k.endswith("." + NBT) and k not in skipped)
+    )
+    candidates = {k: v for k, v in state_dict.items() if k not in skipped and k not in ignored}
+
+    def needed(key: str) -> bool:
+        group = key.split(".", 1)[0]
+        if group in skip_groups:
+            return False
+        return group not in optional_groups or group in present_groups
+
+    missing = tuple(sorted(k for k in expected if needed(k) and k not in candidates))
+    unexpected = tuple(sorted(k for k in candidates if k not in expected))
+    mismatched = []
+    for k, v in candidates.items():
+        if k in expected:
+            want = _torch_shape(tuple(expected[k][1].shape))
+            if tuple(np.shape(v)) != want:
+                mismatched.append((k, tuple(np.shape(v)), want))
+    mismatched = tuple(sorted(mismatched))
+    bad = {k for k, _, _ in mismatched}
+    loaded = tuple(sorted(k for k in candidates if k in expected and k not in bad))
+    report = LoadReport(loaded, missing, unexpected, mismatched, ignored, skipped)
+    if strict and not report.ok:
+        raise WeightsMismatchError("state_dict does not match the model:\n" + report.format())
+
+    flat = {}
+    for key, ((collection, path), leaf) in expected.items():
+        if key in loaded:
+            arr = torch_to_flax_layout(np.asarray(state_dict[key]))
+            flat[(collection, path)] = jnp.asarray(arr, dtype=leaf.dtype)
+        elif isinstance(leaf, (jax.Array, np.ndarray)):
+            flat[(collection, path)] = leaf
+    return _unflatten(flat), report
+
+
+def load_torch_weights(
+    source: PathLike | Mapping[str, Any], arch: str, *, strict: bool = True
+) -> dict[str, Any]:
+    """Import a torchvision-named state_dict (file or dict) as Flax variables for ``arch``.
+
+    The matching model is ``models.create(arch, **model_config_from_state_dict(sd, arch))``;
+    ``fc``/``head`` are imported when the file has them. With ``strict=False`` problem keys
+    are skipped (and listed in a warning) instead of raising.
+    """
+    sd = read_state_dict(source)
+    cfg = model_config_from_state_dict(sd, arch)
+    template = abstract_variables(models.create(arch, **cfg))
+    variables, report = state_dict_to_variables(sd, template, strict=strict)
+    if not report.ok:
+        warnings.warn(f"load_torch_weights({arch}, strict=False) skipped keys:\n{report.format()}", stacklevel=2)
+    log.info("load_torch_weights(%s): %s", arch, report.format())
+    return variables
+
+
+def _split_backbone(variables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(backbone variables, head variables) where heads are the top-level ``fc``/``head``."""
+    backbone: dict[str, Any] = {}
+    heads: dict[str, Any] = {}
+    for collection, tree in variables.items():
+        for name, sub in dict(tree).items():
+            target = heads if name in OPTIONAL_GROUPS else backbone
+            target.setdefault(collection, {})[name] = sub
+    return backbone, heads
+
+
+def init_backbone_from(
+    variables: Mapping[str, Any],
+    source: PathLike | Mapping[str, Any],
+    arch: str,
+    *,
+    strict: bool = True,
+    return_report: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], LoadReport]:
+    """Replace the backbone params/batch_stats of ``variables`` by imported ones; ``fc``/``head`` kept.
+
+    The file's ``fc.*`` and ``head.*`` are skipped (the heads stay as initialised). With
+    ``strict=False`` mis-shaped backbone tensors (e.g. a 3-channel ``conv1`` into a grayscale
+    model) keep their initial values. The report is logged, or returned with ``return_report``.
+    """
+    models.arch_spec(arch)
+    sd = read_state_dict(source)
+    backbone, heads = _split_backbone(variables)
+    loaded, report = state_dict_to_variables(
+        sd, backbone, strict=strict, optional_groups=(), skip_groups=OPTIONAL_GROUPS
+    )
+    out = {c: dict(loaded.get(c, {})) for c in variables}
+    for c, tree in heads.items():
+        out[c].update(tree)
+    for c in variables:  # keep collections other than params/batch_stats untouched
+        if c not in ("params", "batch_stats"):
+            out[c] = variables[c]
+    log.info("init_backbone_from(%s): %s", arch, report.format())
+    if not report.ok:
+        warnings.warn(f"init_backbone_from({arch}, strict=False) kept initial values for:\n{report.format()}", stacklevel=2)
+    return (out, report) if return_report else out
+
+
+# ---------------------------------------------------------------- export
+
+
+def variables_to_state_dict(variables: Mapping[str, Any]) -> StateDict:
+    """Flax variables -> torchvision-named numpy state_dict (plus int64 ``num_batches_tracked`` = 0)."""
+    sd: StateDict = {}
+    for (collection, path), leaf in _flatten(variables).items():
+        arr = np.asarray(leaf)
+        if arr.dtype not in (np.float16, np.float32, np.float64):
+            arr = arr.astype(np.float32)
+        sd[torch_key(collection, path)] = flax_to_torch_layout(arr)
+        if collection == "batch_stats" and path[-1] == "mean":
+            sd[torch_key(collection, path).removesuffix("running_mean") + NBT] = np.zeros((), np.int64)
+    return dict(sorted(sd.items()))
+
+
+def export_torch_weights(variables: Mapping[str, Any], arch: str, path: PathLike) -> Path:
+    """Write ``variables`` as a torchvision-named ``.safetensors`` file; returns its path.
+
+    The result is checked against ``arch`` first, so a wrong ``arch`` fails before writing.
+    """
+    path = Path(path)
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        raise ValueError(f"export writes .safetensors only, got {path.name!r}")
+    sd = variables_to_state_dict(variables)
+    cfg = model_config_from_state_dict(sd, arch)
+    state_dict_to_variables(sd, abstract_variables(models.create(arch, **cfg)), strict=True)
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"format": "pt", "arch": arch, "producer": "lclsc_jax"})
+    return path
