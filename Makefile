@@ -1,5 +1,7 @@
 # The two front-door commands: `make demo` and `make test`.
 # Each creates its own virtual environment (.venv) pinned by constraints.txt.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,9 +15,9 @@ env: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,torch]" 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c "import lclsc_jax, jax, flax, optax, grain, orbax.checkpoint, tensorflow_datasets"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,torch]" 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(BIN)/python -c "import lclsc_jax, jax, flax, optax, grain, orbax.checkpoint, tensorflow_datasets, torch, safetensors"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

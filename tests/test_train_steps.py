@@ -28,12 +28,12 @@ def _compiled(cfg, num_devices):
     mesh = shd.make_mesh(num_devices)
     model = loop.build_model(cfg, NC)
     step = S.jit_train_step(S.make_train_step(model, make_optimizer(cfg), cfg), mesh, donate=False)
-    return mesh, model, step
+    state0 = loop.init_state(cfg, model, NC, mesh)
+    return mesh, model, step, state0
 
 
 def _run(cfg, num_devices, batches):
-    mesh, model, step = _compiled(cfg, num_devices)
-    state = loop.init_state(cfg, model, NC, mesh)
+    mesh, model, step, state = _compiled(cfg, num_devices)
     metrics = []
     for b in batches:
         state, m = step(state, shd.to_global(b, mesh, S.TRAIN_KEYS))
@@ -59,9 +59,8 @@ def test_one_vs_eight_devices_same_numbers(loss):
 def test_first_step_ema_is_normalised_class_means():
     cfg = C.load("tiny", ["loss.name=lcl"])  # no second view: the EMA sees exactly the batch
     batch = _batches(1, seed=3)[0]
-    mesh = shd.make_mesh(1)
-    model = loop.build_model(cfg, NC)
-    state0 = jax.device_get(loop.init_state(cfg, model, NC, mesh))
+    _, model, _, state0 = _compiled(cfg, 1)
+    state0 = jax.device_get(state0)
     # Embeddings of the forward pass the step runs (train mode, parameters before the update).
     out, _ = model.apply(state0.variables, jnp.asarray(batch["image"]), train=True, mutable=["batch_stats"])
     z = np.asarray(out["embedding"], np.float64)
@@ -79,9 +78,8 @@ def test_first_step_ema_is_normalised_class_means():
 def test_ce_loss_matches_numpy():
     cfg = C.load("tiny", ["loss.name=ce"])
     batch = _batches(1, seed=4)[0]
-    mesh = shd.make_mesh(1)
-    model = loop.build_model(cfg, NC)
-    state0 = jax.device_get(loop.init_state(cfg, model, NC, mesh))
+    _, model, _, state0 = _compiled(cfg, 1)
+    state0 = jax.device_get(state0)
     out, _ = model.apply(state0.variables, jnp.asarray(batch["image"]), train=True, mutable=["batch_stats"])
     logits = np.asarray(out["logits"], np.float64)
     ref = np.mean([np.log(np.sum(np.exp(l - l.max()))) + l.max() - l[y] for l, y in zip(logits, batch["label"])])

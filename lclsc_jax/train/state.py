@@ -40,13 +40,19 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """Gradient clipping, warmup-cosine schedule, AdamW or SGD-momentum per ``cfg.train``."""
+def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Linear warmup to ``train.lr``, then cosine decay to 1% of it at ``train.steps``."""
     t = cfg.train
     warmup = min(t.warmup_steps, max(t.steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else t.lr, peak_value=t.lr, warmup_steps=warmup,
         decay_steps=max(t.steps, warmup + 1), end_value=t.lr * 1e-2)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """Gradient clipping, the warmup-cosine schedule, AdamW or SGD-momentum per ``cfg.train``."""
+    t = cfg.train
+    schedule = lr_schedule(cfg)
     if t.optimizer == "adamw":
         opt = optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask)
     else:
@@ -58,12 +64,7 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 def learning_rate(cfg: Config, step: int) -> float:
     """The scheduled learning rate at ``step`` (for logging)."""
-    t = cfg.train
-    warmup = min(t.warmup_steps, max(t.steps - 1, 0))
-    fn = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else t.lr, peak_value=t.lr, warmup_steps=warmup,
-        decay_steps=max(t.steps, warmup + 1), end_value=t.lr * 1e-2)
-    return float(fn(step))
+    return float(lr_schedule(cfg)(step))
 
 
 def create_state(model: Any, tx: optax.GradientTransformation, num_classes: int, embed_dim: int,
