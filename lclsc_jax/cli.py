@@ -1,4 +1,4 @@
-"""The ``lclsc`` command: train, evaluate, predict, explain, verify, demo."""
+"""The ``lclsc`` command: train, evaluate, predict, explain, cv, benchmark-cams, ablate, verify, demo, config."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  lclsc train --workdir runs/r18 --config default --set train.steps=3000 model.arch=resnet18\n"
                "  lclsc evaluate --workdir runs/r18 --split test\n"
                "  lclsc predict --workdir runs/r18 frame1.png frame2.png --json\n"
-               "  lclsc explain --workdir runs/r18 --method gradcam --stage stage4 frame1.png --out maps/")
+               "  lclsc explain --workdir runs/r18 --method gradcam --stage stage4 frame1.png --out maps/\n"
+               "  lclsc cv --workdir runs/cv5 --config demo --folds 5\n"
+               "  lclsc benchmark-cams --workdir runs/demo --methods gradcam sc eigencam --stages stage2 last\n"
+               "  lclsc ablate --preset quick --out runs/ablation --workers 2")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train (or resume) a run", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -73,6 +76,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output directory")
     _add_checkpoint(p)
+
+    p = sub.add_parser("cv", help="patient-wise k-fold or leave-one-patient-out cross-validation",
+                       description="Train and evaluate one run per fold in WORKDIR/fold_XX; finished folds are "
+                                   "skipped and an interrupted fold resumes, so re-running the command continues a CV.")
+    p.add_argument("--workdir", required=True, help="CV directory (fold_XX/, cv_summary.json, figures/)")
+    p.add_argument("--data", help=DATA_HELP + " (default: the config's data.source)")
+    p.add_argument("--config", default="default", help="preset name or JSON file (default: default)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--folds", type=int, default=5, help="number of patient-wise folds (default 5)")
+    g.add_argument("--lopo", action="store_true", help="leave-one-patient-out instead of k folds")
+    p.add_argument("--nested", action="store_true", help="hold out data.val_fraction of each fold's training "
+                   "patients to select the best checkpoint (default: the last checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+
+    p = sub.add_parser("benchmark-cams", help="saliency methods x stages against ground-truth masks (Dice, IoU, ...)")
+    p.add_argument("--workdir", required=True, help="a trained run whose data has masks (e.g. synthetic)")
+    p.add_argument("--methods", nargs="+", help="methods of lclsc_jax.explain.METHODS (default: the CAM family)")
+    p.add_argument("--stages", nargs="+", help="feature stages (default: every stage of the model)")
+    p.add_argument("--split", default="test", help="train, val, test (default) or all")
+    p.add_argument("--max-images", type=int, default=64, help="images scored (default 64)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5], help="fixed thresholds besides Otsu")
+    p.add_argument("--faithfulness", action="store_true", help="also deletion/insertion AUC (slower)")
+    p.add_argument("--out", help="output directory (default: WORKDIR/cam_benchmark)")
+    _add_checkpoint(p)
+
+    from lclsc_jax.evaluate.protocols import add_ablation_arguments
+
+    p = sub.add_parser("ablate", help="a grid of configs x seeds, patient-wise, resumable; one results table",
+                       description="Run an ablation sweep (see docs/protocols.md). Finished runs are skipped, so "
+                                   "re-running the same command resumes it; --slurm writes a job array instead.")
+    add_ablation_arguments(p)
+    p.set_defaults(slurm_command="lclsc ablate")
 
     p = sub.add_parser("verify", help="parity of PyTorch weights run in PyTorch and in this JAX model")
     p.add_argument("--torch-weights", required=True, metavar="FILE", help=".pt/.pth state_dict or .safetensors")
@@ -164,6 +202,39 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cv(args: argparse.Namespace) -> int:
+    from lclsc_jax.evaluate import protocols
+    from lclsc_jax.train import config as C
+
+    overrides = C.parse_overrides(args.set)
+    if args.data:
+        overrides["data.source"] = args.data
+    cfg = C.load(args.config, overrides)
+    summary = protocols.cross_validate(cfg, args.workdir, folds=None if args.lopo else args.folds, lopo=args.lopo,
+                                       nested=args.nested, seed=args.seed, progress=not args.no_progress,
+                                       figures=not args.no_figures)
+    print(protocols.format_cv_summary(summary))
+    print(f"written: {os.path.join(args.workdir, protocols.CV_SUMMARY)}")
+    return 0
+
+
+def _benchmark_cams(args: argparse.Namespace) -> int:
+    from lclsc_jax.evaluate import cam_benchmark
+
+    out = args.out or os.path.join(args.workdir, "cam_benchmark")
+    rows = cam_benchmark.benchmark_cams(args.workdir, args.methods, args.stages, args.split, args.max_images,
+                                        args.thresholds, out, which=args.checkpoint, faithfulness=args.faithfulness)
+    with open(os.path.join(out, "cam_benchmark.md")) as f:
+        print(f.read())
+    return 0 if rows and not all(r["error"] for r in rows) else 1
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from lclsc_jax.evaluate import protocols
+
+    return protocols.ablation_command(args)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from lclsc_jax import interop
 
@@ -238,8 +309,9 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
     return written
 
 
-_COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "explain": _explain,
-             "verify": _verify, "demo": _demo, "config": _config}
+_COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "explain": _explain, "cv": _cv,
+             "benchmark-cams": _benchmark_cams, "ablate": _ablate, "verify": _verify, "demo": _demo,
+             "config": _config}
 
 
 if __name__ == "__main__":

@@ -104,6 +104,21 @@ def test_train_evaluate_predict_beats_chance(tmp_path, cache):
     assert row["class"] in ds.class_names and abs(sum(row["probabilities"].values()) - 1) < 1e-4
     assert cfg.loss.name == "lcl_sc"
 
+    r = _lclsc("explain", "--workdir", work, "--method", "gradcam", str(path), "--out", str(tmp_path / "maps"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = np.load(tmp_path / "maps" / "frame_gradcam.npy")
+    assert (tmp_path / "maps" / "frame_gradcam.png").stat().st_size > 1000
+    assert m.shape == (48, 48) and 0 <= m.min() and m.max() <= 1
+
+    r = _lclsc("benchmark-cams", "--workdir", work, "--methods", "gradcam", "sc", "--stages", "last",
+               "--max-images", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(work, "cam_benchmark", "cam_benchmark.csv"))))
+    assert [(r_["method"], r_["stage"]) for r_ in rows] == [("gradcam", "last"), ("sc", "last")]
+    assert all(0 <= float(r_["dice@otsu"]) <= 1 for r_ in rows)
+
 
 def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["train", "--workdir", str(tmp_path / "x"), "--config", "tiny", "--set", "train.lrr=1"])
@@ -116,13 +131,14 @@ def test_evaluate_without_run_is_a_clear_error(tmp_path, capsys):
     assert "not a training workdir" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "explain", "verify", "demo", "config"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "explain", "cv", "benchmark-cams", "ablate",
+                                     "verify", "demo", "config"])
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--workdir" in out or command in ("verify", "config")
+    assert "--workdir" in out or command in ("verify", "config", "ablate")
 
 
 def test_config_list_shows_every_key(capsys):

@@ -11,10 +11,7 @@ from lclsc_jax.data.builders import Dataset
 
 def render_examples(ds: Dataset, n: int, path: str | os.PathLike, seed: int = 0, cols: int = 6) -> str:
     """Write ``n`` examples (balanced over classes) as a PNG grid with mask outlines; returns path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(ds.labels == c)) for c in range(ds.num_classes)]
@@ -24,7 +21,8 @@ def render_examples(ds: Dataset, n: int, path: str | os.PathLike, seed: int = 0,
     picks = picks[:n]
     cols = max(1, min(cols, len(picks)))
     rows = -(-len(picks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, picks):
@@ -37,5 +35,4 @@ def render_examples(ds: Dataset, n: int, path: str | os.PathLike, seed: int = 0,
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return str(path)

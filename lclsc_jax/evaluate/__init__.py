@@ -2,9 +2,12 @@
 
 ``metrics`` and ``localisation`` are NumPy (host side); ``faithfulness`` runs the model
 under ``jax.jit`` in bounded batches; ``plots`` draws PNGs with matplotlib (Agg canvas, no pyplot).
-Formulas and references: ``docs/evaluate.md``.
+``protocols`` (patient-wise CV / LOPO, ablation sweeps) and ``cam_benchmark`` (saliency methods x
+stages vs GT masks) drive trained runs. Formulas and references: ``docs/evaluate.md``,
+``docs/protocols.md``.
 """
 
+from lclsc_jax.evaluate.cam_benchmark import benchmark_cams
 from lclsc_jax.evaluate.faithfulness import (
     ROAD_NEIGHBOUR_WEIGHTS,
     confidence_change,
@@ -38,6 +41,15 @@ from lclsc_jax.evaluate.metrics import (
     confusion_matrix,
     roc_curve_points,
 )
+from lclsc_jax.evaluate.protocols import (
+    ABLATION_GRIDS,
+    ablation_table,
+    cross_validate,
+    cv_folds,
+    expand_grid,
+    run_ablation,
+    write_slurm_script,
+)
 from lclsc_jax.evaluate.plots import (
     confidence_histogram,
     confusion_matrix_plot,
@@ -50,10 +62,13 @@ from lclsc_jax.evaluate.plots import (
 )
 
 __all__ = [
+    "ABLATION_GRIDS",
     "ECE_BINS",
     "ROAD_NEIGHBOUR_WEIGHTS",
+    "ablation_table",
     "aggregate_folds",
     "bbox_iou",
+    "benchmark_cams",
     "binarize",
     "binary_auroc",
     "calibration_bins",
@@ -62,10 +77,13 @@ __all__ = [
     "confidence_histogram",
     "confusion_matrix",
     "confusion_matrix_plot",
+    "cross_validate",
     "curve_auc",
+    "cv_folds",
     "deletion_curve",
     "dice",
     "energy_pointing_game",
+    "expand_grid",
     "gaussian_blur",
     "insertion_curve",
     "iou",
@@ -84,5 +102,7 @@ __all__ = [
     "road",
     "roc_curve_points",
     "roc_curves",
+    "run_ablation",
     "saliency_ranks",
+    "write_slurm_script",
 ]

@@ -1,0 +1,846 @@
+"""Evaluation protocols: patient-wise k-fold / leave-one-patient-out CV, and ablation sweeps.
+
+Cross-validation (``cross_validate``) trains one run per fold into ``WORKDIR/fold_XX``,
+predicts its held-out patients and writes ``fold_XX/metrics.json`` (the fold's completion
+mark) and ``fold_XX/predictions.npz``; a restarted CV skips finished folds and resumes an
+interrupted one from its last checkpoint. ``WORKDIR/cv_summary.json`` holds per-fold
+metrics, their mean/std/95% CI (``aggregate_folds``) and metrics of the pooled predictions.
+
+Ablations (``run_ablation``) expand a grid of config overrides x seeds into named runs
+under ``OUT/runs/<name>``; each run trains on the fixed patient-wise split (or CV), is
+evaluated, and its saliency maps are scored with ``cam_benchmark``; ``results.json`` marks
+a finished run. Runs go in-process (``workers=0``) or as child processes; ``write_slurm_script``
+writes a job array instead. See ``docs/protocols.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from lclsc_jax.train.config import Config
+
+__all__ = [
+    "ABLATION_GRIDS",
+    "ABLATION_TABLE_METRICS",
+    "SALIENCY_METRICS",
+    "ablation_command",
+    "ablation_table",
+    "add_ablation_arguments",
+    "collect_ablation",
+    "cross_validate",
+    "cv_folds",
+    "expand_grid",
+    "fold_splits",
+    "format_ci",
+    "format_cv_summary",
+    "load_plan",
+    "run_ablation",
+    "run_index",
+    "run_one",
+    "summarize_folds",
+    "write_cv_figures",
+    "write_plan",
+    "write_slurm_script",
+]
+
+SCALAR_KEYS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "auroc",
+               "ece", "patient_accuracy")
+CV_CONFIG = "cv_config.json"
+CV_SUMMARY = "cv_summary.json"
+FOLD_METRICS = "metrics.json"
+FOLD_PREDICTIONS = "predictions.npz"
+
+
+def _log(msg: str, enabled: bool = True) -> None:
+    """Print a progress line (process 0 only)."""
+    import jax
+
+    if enabled and jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+# =============================================================================================
+# Cross-validation
+# =============================================================================================
+
+
+def cv_folds(patients: Any, labels: Any = None, folds: int = 5, lopo: bool = False,
+             seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-wise ``(train_idx, test_idx)`` record indices: stratified k-fold, or one patient per fold."""
+    from lclsc_jax import data
+
+    if lopo:
+        return data.leave_one_patient_out(patients)
+    return data.patient_kfold(patients, int(folds), seed=seed, labels=labels)
+
+
+def fold_splits(patients: Any, labels: Any, train_idx: np.ndarray, test_idx: np.ndarray, nested: bool = False,
+                val_fraction: float = 0.15, seed: int = 0) -> dict[str, np.ndarray]:
+    """``{"train", "val", "test"}`` of one fold; ``nested`` holds out a patient-wise, stratified val slice of train.
+
+    Without ``nested`` the val split is empty: every training patient trains, and no checkpoint
+    is selected (the fold is evaluated at its last step).
+    """
+    from lclsc_jax import data
+
+    train_idx = np.asarray(train_idx, np.int64)
+    test_idx = np.asarray(test_idx, np.int64)
+    if not nested:
+        splits = {"train": train_idx, "val": np.zeros(0, np.int64), "test": test_idx}
+    else:
+        labels_t = None if labels is None else np.asarray(labels)[train_idx]
+        inner = data.patient_split(np.asarray(patients)[train_idx], labels_t, val_fraction=val_fraction,
+                                   test_fraction=0.0, seed=seed)
+        if len(inner["val"]) == 0:
+            raise ValueError("nested CV: the training patients of a fold are too few to hold out a validation "
+                             f"patient (val_fraction={val_fraction}); use more patients or folds=None")
+        splits = {"train": train_idx[inner["train"]], "val": train_idx[inner["val"]], "test": test_idx}
+    data.check_disjoint(patients, splits)
+    return splits
+
+
+def fold_name(k: int) -> str:
+    """Directory name of fold ``k``: ``fold_00``, ``fold_01``, ..."""
+    return f"fold_{k:02d}"
+
+
+def _eval_batch_size(cfg: Config, mesh: Any) -> int:
+    """The config's eval batch rounded to a multiple of the data-parallel devices x processes."""
+    import jax
+
+    from lclsc_jax.train import sharding as shd
+
+    n = shd.data_parallel_size(mesh) * jax.process_count()
+    return max(n, (cfg.train.eval_batch_size // n) * n)
+
+
+def _predict_fold(fold_dir: str, ds: Any, test_idx: np.ndarray, which: str) -> tuple[dict[str, np.ndarray], int]:
+    """Predictions ``{probs (N, C), label, index, patient (N,)}`` of a fold's run on its test records."""
+    from lclsc_jax import data
+    from lclsc_jax.train import inference, loop
+
+    run = inference.load_run(fold_dir, which)
+    batches = data.eval_batches(ds, test_idx, _eval_batch_size(run.cfg, run.mesh))
+    res = loop.predict_batches(run.cfg, run.model, run.state, run.mesh, batches)
+    return {k: res[k] for k in ("probs", "label", "index", "patient")}, run.step
+
+
+def _scalars(m: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline scalar metrics of a ``classification_metrics`` result (None where undefined)."""
+    return {k: m.get(k) for k in SCALAR_KEYS if k in m}
+
+
+def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, np.ndarray]],
+                    class_names: Sequence[str], confidence: float = 0.95) -> dict[str, Any]:
+    """Per-fold scalars, their mean/std/CI (``aggregate_folds``) and metrics of all folds' pooled predictions.
+
+    ``predictions[k]`` holds ``probs (N_k, C)``, ``label (N_k,)`` and ``patient (N_k,)``. Folds where a
+    metric is undefined (e.g. AUROC of a one-class LOPO fold) are left out of its statistics;
+    the pooled metrics are always defined when the pooled labels have two classes.
+    """
+    from lclsc_jax import evaluate
+
+    if len(fold_metrics) != len(predictions) or not fold_metrics:
+        raise ValueError(f"need one prediction set per fold, got {len(fold_metrics)} metrics and "
+                         f"{len(predictions)} predictions")
+    agg = evaluate.aggregate_folds(list(fold_metrics), confidence=confidence)
+    probs = np.concatenate([np.asarray(p["probs"]) for p in predictions])
+    labels = np.concatenate([np.asarray(p["label"]) for p in predictions])
+    patients = np.concatenate([np.asarray(p["patient"]).astype(str) for p in predictions])
+    pooled = evaluate.classification_metrics(labels, probs, class_names=list(class_names), patients=patients)
+    undefined = [i for i, m in enumerate(fold_metrics) if m.get("auroc") is None]
+    notes = []
+    if undefined:
+        notes.append(f"AUROC undefined in {len(undefined)} of {len(fold_metrics)} folds (one class in the test "
+                     "fold); its mean is over the other folds, see pooled.auroc")
+    return {
+        "n_folds": len(fold_metrics),
+        "folds": [{"fold": i, **_scalars(m)} for i, m in enumerate(fold_metrics)],
+        "mean": {k: v["mean"] for k, v in agg["metrics"].items() if k in SCALAR_KEYS},
+        "aggregate": agg,
+        "pooled": pooled,
+        "notes": notes,
+    }
+
+
+def format_cv_summary(summary: Mapping[str, Any]) -> str:
+    """A short table of a ``cross_validate`` summary: mean ± std [95% CI] over folds, and pooled values."""
+    name = "leave-one-patient-out" if summary.get("protocol") == "lopo" else f"{summary['n_folds']}-fold"
+    lines = [f"{name} CV, {summary['n_folds']} folds, {summary.get('n_records', '?')} records "
+             f"({summary.get('n_patients', '?')} patients)", f"  {'metric':<18} {'mean ± std [95% CI]':<34} pooled"]
+    for k in SCALAR_KEYS:
+        s = summary["aggregate"]["metrics"].get(k)
+        pooled = summary["pooled"].get(k)
+        if s is None:
+            continue
+        lines.append(f"  {k:<18} {format_ci(s):<34} {'' if pooled is None else f'{pooled:.4f}'}")
+    return "\n".join(lines + [f"  note: {n}" for n in summary.get("notes", [])])
+
+
+def write_cv_figures(summary: Mapping[str, Any], predictions: Sequence[Mapping[str, np.ndarray]],
+                class_names: Sequence[str], out_dir: str) -> dict[str, str]:
+    """Write ROC per fold (if any fold has two classes) and pooled, per-patient bars, confusion matrix, confidence PNGs.
+
+    Returns ``{figure name: path relative to out_dir}``.
+    """
+    from lclsc_jax.evaluate import plots
+
+    ys = [np.asarray(p["label"]) for p in predictions]
+    ps = [np.asarray(p["probs"]) for p in predictions]
+    pooled = summary["pooled"]
+    out = {}
+    if any(len(np.unique(y)) > 1 for y in ys):  # LOPO folds usually hold one class: no curve to draw
+        out["roc_folds"] = plots.roc_curves(ys, ps, os.path.join(out_dir, "roc_folds.png"), class_names=class_names)
+    out |= {
+        "roc_pooled": plots.roc_curves(np.concatenate(ys), np.concatenate(ps), os.path.join(out_dir, "roc_pooled.png"),
+                                       class_names=class_names),
+        "confusion_matrix": plots.confusion_matrix_plot(np.asarray(pooled["confusion_matrix"]), class_names,
+                                                        os.path.join(out_dir, "confusion_matrix.png")),
+        "confidence": plots.confidence_histogram(np.concatenate(ps), np.concatenate(ys),
+                                                 os.path.join(out_dir, "confidence.png")),
+        "per_patient": plots.per_patient_bars(pooled["per_patient"], os.path.join(out_dir, "per_patient.png")),
+    }
+    return {k: os.path.relpath(str(v), out_dir) for k, v in out.items()}
+
+
+def _cv_settings(cfg: Config, ds: Any, folds: list[tuple[np.ndarray, np.ndarray]], lopo: bool, nested: bool,
+                 seed: int) -> dict[str, Any]:
+    """What identifies a CV run (saved as ``cv_config.json``; a restart must match it)."""
+    from lclsc_jax.train.config import to_dict
+
+    return {"protocol": "lopo" if lopo else "kfold", "n_folds": len(folds), "nested": bool(nested),
+            "seed": int(seed), "n_records": int(len(ds.labels)), "class_names": list(ds.class_names),
+            "test_patients": [sorted(set(map(str, ds.patients[te]))) for _, te in folds],
+            "config": to_dict(cfg)}
+
+
+def _check_settings(workdir: str, settings: dict[str, Any]) -> None:
+    """Write ``cv_config.json``, or raise if the workdir holds a CV run made with other settings."""
+    from lclsc_jax.train import loop
+
+    path = os.path.join(workdir, CV_CONFIG)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in settings if saved.get(k) != json.loads(json.dumps(settings[k])))
+            raise ValueError(f"{workdir} holds a cross-validation run with other settings (differs in {diff}); "
+                             "resume it with the same config/folds/seed or pick a new workdir")
+    else:
+        loop.write_json(path, settings)
+
+
+def _load_fold(fold_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """A finished fold's ``(metrics, predictions)``, or None when it has not finished."""
+    mpath, ppath = os.path.join(fold_dir, FOLD_METRICS), os.path.join(fold_dir, FOLD_PREDICTIONS)
+    if not (os.path.exists(mpath) and os.path.exists(ppath)):
+        return None
+    with open(mpath) as f:
+        metrics = json.load(f)
+    with np.load(ppath) as z:
+        preds = {k: z[k] for k in z.files}
+    return metrics, preds
+
+
+def _run_fold(cfg: Config, ds: Any, fold_dir: str, splits: dict[str, np.ndarray], which: str,
+              progress: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Train (or resume) one fold, predict its test records, write predictions then metrics."""
+    import jax
+
+    from lclsc_jax import evaluate
+    from lclsc_jax.train import loop
+
+    loop.train(cfg, fold_dir, splits=splits, dataset=ds, progress=progress)
+    preds, step = _predict_fold(fold_dir, ds, splits["test"], which)
+    metrics = evaluate.classification_metrics(preds["label"], preds["probs"], class_names=list(ds.class_names),
+                                              patients=preds["patient"])
+    metrics.update(checkpoint=which, checkpoint_step=step, test_patients=sorted(set(map(str, preds["patient"]))),
+                   n_train=int(len(splits["train"])), n_val=int(len(splits["val"])))
+    if jax.process_index() == 0:
+        tmp = os.path.join(fold_dir, "predictions.tmp.npz")
+        np.savez(tmp, probs=preds["probs"], label=preds["label"], index=preds["index"],
+                 patient=np.asarray(preds["patient"]).astype(str))
+        os.replace(tmp, os.path.join(fold_dir, FOLD_PREDICTIONS))
+    loop.write_json(os.path.join(fold_dir, FOLD_METRICS), metrics)  # written last: the fold's completion mark
+    return metrics, preds
+
+
+def cross_validate(cfg: Config, workdir: str, folds: int | None = 5, lopo: bool = False, nested: bool = False,
+                   seed: int = 0, dataset: Any = None, progress: bool = True, figures: bool = True) -> dict[str, Any]:
+    """Patient-wise k-fold (``folds``) or leave-one-patient-out (``lopo``) CV of ``cfg``; returns the summary.
+
+    Fold ``k`` trains in ``workdir/fold_XX`` (resumed if interrupted, skipped if its
+    ``metrics.json`` exists). ``nested`` holds out ``cfg.data.val_fraction`` of each fold's
+    training patients for best-checkpoint selection; otherwise all training patients train and
+    the last checkpoint is evaluated. ``seed`` drives the fold and inner-split assignment.
+    Writes ``workdir/cv_summary.json`` and, with ``figures``, PNGs in ``workdir/figures``.
+    """
+    import jax
+
+    from lclsc_jax.train import loop
+
+    if not lopo and (folds is None or int(folds) < 2):
+        raise ValueError(f"folds must be >= 2 for k-fold CV (or pass lopo=True), got {folds}")
+    ds = dataset if dataset is not None else loop.load_dataset(cfg)
+    fold_list = cv_folds(ds.patients, ds.labels, folds or 0, lopo, seed)
+    os.makedirs(workdir, exist_ok=True)
+    _check_settings(workdir, _cv_settings(cfg, ds, fold_list, lopo, nested, seed))
+    which = "best" if nested else "latest"
+    name = "leave-one-patient-out" if lopo else f"{len(fold_list)}-fold"
+    metrics_all: list[dict[str, Any]] = []
+    preds_all: list[dict[str, np.ndarray]] = []
+    for k, (train_idx, test_idx) in enumerate(fold_list):
+        fold_dir = os.path.join(workdir, fold_name(k))
+        done = _load_fold(fold_dir)
+        if done is not None:
+            _log(f"[cv] {name} fold {k + 1}/{len(fold_list)}: finished earlier, skipped", progress)
+        else:
+            splits = fold_splits(ds.patients, ds.labels, train_idx, test_idx, nested, cfg.data.val_fraction, seed)
+            test_p = sorted(set(map(str, ds.patients[test_idx])))
+            _log(f"[cv] {name} fold {k + 1}/{len(fold_list)}: {len(splits['train'])} train / {len(splits['val'])} "
+                 f"val / {len(test_idx)} test records; test patients {test_p}", progress)
+            done = _run_fold(cfg, ds, fold_dir, splits, which, progress)
+            _log(f"[cv] fold {k + 1}/{len(fold_list)}: accuracy {done[0]['accuracy']:.4f}", progress)
+        metrics_all.append(done[0])
+        preds_all.append(done[1])
+    summary = summarize_folds(metrics_all, preds_all, ds.class_names)
+    summary.update(protocol="lopo" if lopo else "kfold", nested=bool(nested), seed=int(seed), checkpoint=which,
+                   class_names=list(ds.class_names), n_records=int(sum(len(p["label"]) for p in preds_all)),
+                   n_patients=int(len(np.unique(ds.patients))))
+    for entry, m in zip(summary["folds"], metrics_all):
+        entry.update(workdir=fold_name(entry["fold"]), test_patients=m.get("test_patients"), n_test=m.get("n"),
+                     checkpoint_step=m.get("checkpoint_step"))
+    if figures and jax.process_index() == 0:
+        summary["figures"] = write_cv_figures(summary, preds_all, ds.class_names, os.path.join(workdir, "figures"))
+    loop.write_json(os.path.join(workdir, CV_SUMMARY), summary)
+    mean = summary["mean"]
+    _log(f"[cv] {name}: mean accuracy {mean.get('accuracy', float('nan')):.4f}; pooled accuracy "
+         f"{summary['pooled']['accuracy']:.4f}, pooled AUROC {summary['pooled']['auroc']}", progress)
+    return summary
+
+
+# =============================================================================================
+# Ablation sweeps
+# =============================================================================================
+
+#: Named grids. A grid is ``{"variants": {name: overrides}, "axes": {key: [values]}, "overrides": {...}}``
+#: (variants x the cartesian product of axes), or a list of such grids run together.
+ABLATION_GRIDS: dict[str, Any] = {
+    # 2-core CPU: the demo preset (tiny CNN, 64x64) with fewer steps, ~40 min for 12 runs.
+    "quick": {
+        "base_config": "demo",
+        "overrides": {"train.steps": 300, "train.eval_every": 100, "train.checkpoint_every": 100},
+        "seeds": [0, 1, 2],
+        "variants": {
+            "ce": {"loss.name": "ce"},
+            "lcl": {"loss.name": "lcl"},
+            "lcl_sc": {"loss.name": "lcl_sc"},
+            "lcl_sc_no_tkmmp": {"loss.name": "lcl_sc", "loss.k_max": 1.0, "loss.alpha": 0.0},
+        },
+    },
+    # The full study of DESIGN.md (for a cluster): losses, pooling, EMA momentum, k, tau.
+    "full": [
+        {"variants": {
+            "ce": {"loss.name": "ce"},
+            "supcon": {"loss.name": "supcon"},
+            "lcl": {"loss.name": "lcl"},
+            "lcl_sc": {"loss.name": "lcl_sc"},
+            "lcl_sc_no_tkmmp": {"loss.name": "lcl_sc", "loss.k_max": 1.0, "loss.alpha": 0.0},
+            "lcl_sc_wildcat": {"loss.name": "lcl_sc", "loss.alpha": 1.0},
+        }},
+        {"variants": {"lcl_sc": {"loss.name": "lcl_sc"}}, "axes": {"loss.ema_momentum": [0.9, 0.999]}},
+        {"variants": {"lcl_sc": {"loss.name": "lcl_sc"}}, "axes": {"loss.k_max": [0.05, 0.25],
+                                                                   "loss.k_min": [0.05, 0.25]}},
+        {"variants": {"lcl_sc": {"loss.name": "lcl_sc"}}, "axes": {"loss.tau": [0.05, 0.2]}},
+    ],
+}
+
+SALIENCY_METRICS = ("dice@0.5", "dice@otsu", "iou@otsu", "pointing_game", "energy_pointing_game",
+                    "deletion_auc", "insertion_auc")
+#: Columns of the Markdown ablation table (the CSV holds every metric).
+ABLATION_TABLE_METRICS = ("accuracy", "f1", "auroc", "gradcam.dice@otsu", "gradcam.pointing_game",
+                          "gradcam.deletion_auc", "sc.dice@otsu", "sc.pointing_game", "sc.deletion_auc")
+PLAN_FILE = "plan.json"
+RESULTS_FILE = "results.json"
+
+
+def _value_name(v: Any) -> str:
+    """A compact, filesystem-safe rendering of an override value."""
+    s = f"{v:g}" if isinstance(v, float) else str(v)
+    return "".join(c if c.isalnum() or c in ".-_" else "-" for c in s)
+
+
+def _subgrids(grid: Any) -> list[Mapping[str, Any]]:
+    """A grid or a list of grids as a list; shapes checked."""
+    subs = list(grid) if isinstance(grid, (list, tuple)) else [grid]
+    for g in subs:
+        if not isinstance(g, Mapping) or not g.get("variants"):
+            raise ValueError("a grid is a mapping with a non-empty 'variants' {name: {key: value}} "
+                             f"(and optional 'axes' {{key: [values]}}), got {g!r}")
+        bad = [k for k in g if k not in ("variants", "axes", "overrides", "seeds", "base_config")]
+        if bad:
+            raise ValueError(f"unknown grid keys {bad}; expected variants, axes, overrides, seeds, base_config")
+    return subs
+
+
+def expand_grid(grid: Any, seeds: Sequence[int] = (0,)) -> list[dict[str, Any]]:
+    """Runs of ``variants x product(axes) x seeds``: ``[{name, group, seed, overrides}]`` in a fixed order.
+
+    ``group`` is the variant plus its axis values (``lcl_sc__loss.tau=0.05``), ``name`` adds the seed
+    (``..__seed=0``). ``defaults`` are the grid's ``overrides`` (weaker than a sweep's ``base_overrides``),
+    ``overrides`` the variant's, the axis values and the seed. Duplicate names are dropped.
+    """
+    if not seeds:
+        raise ValueError("need at least one seed")
+    runs: dict[str, dict[str, Any]] = {}
+    for g in _subgrids(grid):
+        axes = dict(g.get("axes") or {})
+        for key, values in axes.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ValueError(f"axis {key!r} needs a non-empty list of values, got {values!r}")
+        for variant, var_over in g["variants"].items():
+            for combo in itertools.product(*axes.values()):
+                point = dict(zip(axes, combo))
+                group = "__".join([variant] + [f"{k}={_value_name(v)}" for k, v in point.items()])
+                for seed in seeds:
+                    name = f"{group}__seed={int(seed)}"
+                    overrides = {**dict(var_over), **point, "seed": int(seed)}
+                    runs.setdefault(name, {"name": name, "group": group, "seed": int(seed),
+                                           "defaults": dict(g.get("overrides") or {}), "overrides": overrides})
+    return list(runs.values())
+
+
+def write_plan(out_dir: str, runs: Sequence[Mapping[str, Any]], base_config: str,
+               base_overrides: Mapping[str, Any] | None = None, folds: int | None = None,
+               saliency_images: int = 16, faithfulness: bool = True) -> str:
+    """Write ``out_dir/plan.json`` (every run's spec; what ``run_index`` executes); return its path."""
+    from lclsc_jax.train import config as C
+
+    for r in runs:  # fail now, not in a child process: every run's config must resolve
+        C.load(base_config, run_overrides(r, base_overrides or {}))
+    plan = {"base_config": base_config, "base_overrides": dict(base_overrides or {}), "folds": folds,
+            "saliency_images": int(saliency_images), "faithfulness": bool(faithfulness), "runs": list(runs)}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, PLAN_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(plan, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def run_overrides(spec: Mapping[str, Any], base_overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Config overrides of a run: grid defaults < the sweep's ``base_overrides`` < variant, axes and seed."""
+    return {**dict(spec.get("defaults") or {}), **dict(base_overrides), **dict(spec["overrides"])}
+
+
+def load_plan(out_dir: str) -> dict[str, Any]:
+    """The ``plan.json`` of an ablation folder."""
+    path = os.path.join(out_dir, PLAN_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{out_dir} has no {PLAN_FILE}; start the ablation (or --slurm) first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_dir(out_dir: str, name: str) -> str:
+    """Where run ``name`` of an ablation lives."""
+    return os.path.join(out_dir, "runs", name)
+
+
+def _is_complete(out_dir: str, spec: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
+    """Whether ``results.json`` exists for this run; raise if it was made with other settings."""
+    path = os.path.join(run_dir(out_dir, spec["name"]), RESULTS_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        res = json.load(f)
+    mine = {"overrides": run_overrides(spec, plan["base_overrides"]), "base_config": plan["base_config"],
+            "base_overrides": plan["base_overrides"], "folds": plan["folds"]}
+    theirs = {k: res.get(k) for k in mine}
+    if json.loads(json.dumps(mine)) != theirs:
+        raise ValueError(f"run {spec['name']} in {out_dir} was made with other settings ({theirs}); "
+                         "use a new output folder")
+    return True
+
+
+def _saliency_scores(workdir: str, contrastive: bool, images: int, faithfulness: bool) -> dict[str, Any]:
+    """Grad-CAM (all runs) and SC (contrastive runs) localisation/faithfulness on the run's test images."""
+    from lclsc_jax.evaluate import cam_benchmark
+
+    methods = ("gradcam", "sc") if contrastive else ("gradcam",)
+    rows = cam_benchmark.benchmark_cams(workdir, methods=methods, stages=("last",), max_images=images,
+                                        faithfulness=faithfulness, figure_images=0,
+                                        out_dir=os.path.join(workdir, "cam_benchmark"), progress=False)
+    out: dict[str, Any] = {}
+    for row in rows:
+        if row.get("error"):
+            out[f"{row['method']}.error"] = row["error"]
+            continue
+        for m in SALIENCY_METRICS:
+            if row.get(m) is not None:
+                out[f"{row['method']}.{m}"] = row[m]
+    return out
+
+
+def run_one(spec: Mapping[str, Any], out_dir: str, plan: Mapping[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Train, evaluate and score the saliency of one ablation run; write and return its ``results.json``."""
+    import jax
+
+    from lclsc_jax.train import config as C
+    from lclsc_jax.train import inference, loop
+
+    t0 = time.time()
+    workdir = run_dir(out_dir, spec["name"])
+    overrides = run_overrides(spec, plan["base_overrides"])
+    cfg = C.load(plan["base_config"], overrides)
+    contrastive = cfg.loss.name != "ce"
+    multihost = jax.process_count() > 1
+    if plan["folds"]:
+        summary = cross_validate(cfg, workdir, folds=int(plan["folds"]), progress=progress, figures=False)
+        metrics = {k: v for k, v in summary["mean"].items()}
+        fold_dirs = [os.path.join(workdir, fold_name(k)) for k in range(summary["n_folds"])]
+    else:
+        loop.train(cfg, workdir, progress=progress)
+        m = inference.evaluate_run(workdir, split="test", figures=False)
+        metrics = _scalars(m)
+        fold_dirs = [workdir]
+    sal: dict[str, Any] = {}
+    if multihost:
+        sal["note"] = "saliency benchmark skipped in multi-host runs"
+    else:
+        per_fold = [_saliency_scores(d, contrastive, int(plan["saliency_images"]), bool(plan["faithfulness"]))
+                    for d in fold_dirs]
+        keys = sorted({k for s in per_fold for k in s})
+        for k in keys:
+            vals = [s[k] for s in per_fold if k in s]
+            sal[k] = vals[0] if isinstance(vals[0], str) else float(np.mean(vals))
+    results = {"name": spec["name"], "group": spec["group"], "seed": spec["seed"], "overrides": overrides,
+               "base_config": plan["base_config"], "base_overrides": plan["base_overrides"], "folds": plan["folds"],
+               "metrics": {**metrics, **sal}, "seconds": round(time.time() - t0, 1)}
+    loop.write_json(os.path.join(workdir, RESULTS_FILE), results)
+    return results
+
+
+def run_index(out_dir: str, index: int, progress: bool = False) -> dict[str, Any] | None:
+    """Run entry ``index`` of ``out_dir/plan.json`` unless already complete (the SLURM array task / child entry).
+
+    Starts ``jax.distributed`` first when the environment asks for it (``LCLSC_COORDINATOR`` or
+    ``LCLSC_DISTRIBUTED=1``; see ``lclsc_jax.train.sharding``). Returns the results, or None if skipped.
+    """
+    from lclsc_jax.train import sharding
+
+    plan = load_plan(out_dir)
+    runs = plan["runs"]
+    if not 0 <= int(index) < len(runs):
+        raise ValueError(f"run index {index} out of range: {out_dir} plans {len(runs)} runs (0..{len(runs) - 1})")
+    spec = runs[int(index)]
+    if _is_complete(out_dir, spec, plan):
+        return None
+    sharding.maybe_initialize_distributed()
+    return run_one(spec, out_dir, plan, progress=progress)
+
+
+def child_env(workers: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment of a child run: with ``workers > 1``, XLA/BLAS limited to one thread each."""
+    env = dict(os.environ if base is None else base)
+    if workers > 1:
+        flags = env.get("XLA_FLAGS", "")
+        extra = [f for f in ("--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1") if f not in flags]
+        env["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+def _child_command(out_dir: str, index: int) -> list[str]:
+    """The command that runs plan entry ``index`` in a fresh Python process."""
+    code = ("import sys; from lclsc_jax.evaluate.protocols import run_index; "
+            "run_index(sys.argv[1], int(sys.argv[2]), progress=True)")
+    return [sys.executable, "-c", code, out_dir, str(int(index))]
+
+
+def _run_child(out_dir: str, index: int, name: str, workers: int) -> tuple[str, int]:
+    """Run one plan entry as a child process, its output in ``runs/<name>/log.txt``; return (name, exit code)."""
+    wd = run_dir(out_dir, name)
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "log.txt"), "w") as log:
+        proc = subprocess.run(_child_command(out_dir, index), stdout=log, stderr=subprocess.STDOUT,
+                              env=child_env(workers), check=False)
+    return name, proc.returncode
+
+
+def _log_tail(out_dir: str, name: str, lines: int = 5) -> str:
+    """The last lines of a run's ``log.txt``."""
+    path = os.path.join(run_dir(out_dir, name), "log.txt")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return "".join(f.readlines()[-lines:]).strip()
+
+
+def run_ablation(grid: Any, out_dir: str, workers: int = 1, seeds: Sequence[int] | None = None,
+                 base_config: str | None = None, folds: int | None = None,
+                 base_overrides: Mapping[str, Any] | None = None, saliency_images: int = 16,
+                 faithfulness: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every run of ``grid x seeds`` not yet complete, then write and return the ablation table rows.
+
+    ``grid``: a grid mapping (see ``ABLATION_GRIDS``), a list of them, or a name of ``ABLATION_GRIDS``;
+    its own ``seeds``/``base_config``/``overrides`` are defaults for the arguments. ``workers=0``
+    runs in this process; ``workers >= 1`` runs each in a child process, ``workers`` at a time
+    (threads limited when > 1). ``folds`` makes each run a k-fold CV. A failed run is reported
+    and left incomplete (re-running retries it).
+    """
+    if isinstance(grid, str):
+        if grid not in ABLATION_GRIDS:
+            raise ValueError(f"unknown ablation grid {grid!r}; expected one of {sorted(ABLATION_GRIDS)}")
+        grid = ABLATION_GRIDS[grid]
+    first = _subgrids(grid)[0]
+    seeds = list(seeds if seeds is not None else first.get("seeds", [0]))
+    base_config = base_config or first.get("base_config", "demo")
+    runs = expand_grid(grid, seeds)
+    write_plan(out_dir, runs, base_config, base_overrides, folds, saliency_images, faithfulness)
+    plan = load_plan(out_dir)
+    todo = [(i, r) for i, r in enumerate(runs) if not _is_complete(out_dir, r, plan)]
+    _log(f"[ablate] {len(runs)} runs in {out_dir}: {len(runs) - len(todo)} complete, {len(todo)} to run "
+         f"({'in-process' if workers <= 0 else f'{workers} worker(s)'})", progress)
+    failed: list[str] = []
+    if workers <= 0:
+        for i, r in todo:
+            _log(f"[ablate] run {r['name']}", progress)
+            run_one(r, out_dir, plan, progress=False)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_run_child, out_dir, i, r["name"], workers) for i, r in todo]
+            for fut in concurrent.futures.as_completed(futures):
+                name, rc = fut.result()
+                if rc != 0:
+                    failed.append(name)
+                    _log(f"[ablate] run {name} FAILED (exit {rc}):\n{_log_tail(out_dir, name)}", progress)
+                else:
+                    _log(f"[ablate] run {name} done", progress)
+    rows = ablation_table(out_dir)
+    if failed:
+        _log(f"[ablate] {len(failed)} run(s) failed: {failed}; re-run the same command to retry them", progress)
+    return rows
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def collect_ablation(out_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """``(results of the plan's complete runs, names of its incomplete runs)`` from the shared output folder."""
+    plan = load_plan(out_dir)
+    done, missing = [], []
+    for spec in plan["runs"]:
+        if _is_complete(out_dir, spec, plan):
+            with open(os.path.join(run_dir(out_dir, spec["name"]), RESULTS_FILE)) as f:
+                done.append(json.load(f))
+        else:
+            missing.append(spec["name"])
+    return done, missing
+
+
+def _t_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean, std (ddof=1) and Student-t CI of ``values`` (std/CI None for one value)."""
+    from scipy import stats
+
+    arr = np.asarray(values, np.float64)
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return {"mean": mean, "std": None, "ci_low": None, "ci_high": None, "n": int(arr.size)}
+    std = float(arr.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, arr.size - 1)) * std / math.sqrt(arr.size)
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": int(arr.size)}
+
+
+def group_results(results: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
+    """One row per group (runs differing only in seed): ``{group, n_seeds, seeds, metrics: {name: stats}}``."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["group"], []).append(r)
+    rows = []
+    for group, rs in groups.items():
+        names: list[str] = []
+        for r in rs:
+            names += [k for k, v in r["metrics"].items() if k not in names and isinstance(v, (int, float))]
+        stats_ = {}
+        for k in names:
+            vals = [r["metrics"][k] for r in rs if isinstance(r["metrics"].get(k), (int, float))]
+            stats_[k] = _t_interval(vals, confidence)
+        errors = sorted({str(v) for r in rs for k, v in r["metrics"].items() if k.endswith(".error")})
+        rows.append({"group": group, "n_seeds": len(rs), "seeds": sorted(r["seed"] for r in rs),
+                     "metrics": stats_, "errors": errors})
+    return rows
+
+
+def format_ci(s: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``mean ± std [ci_low, ci_high]`` (or just the mean with one seed; ``–`` when missing)."""
+    if not s or s.get("mean") is None:
+        return "–"
+    if s.get("std") is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+
+
+def ablation_table(out_dir: str, confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Collect the runs, write ``ablation_runs.csv``, ``ablation.csv``, ``ablation.md``, ``ablation.json``; return rows."""
+    results, missing = collect_ablation(out_dir)
+    rows = group_results(results, confidence)
+    metric_names: list[str] = []
+    for r in results:
+        metric_names += [k for k, v in r["metrics"].items() if k not in metric_names and isinstance(v, (int, float))]
+    with open(os.path.join(out_dir, "ablation_runs.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "group", "seed", "seconds", *metric_names])
+        for r in results:
+            w.writerow([r["name"], r["group"], r["seed"], r.get("seconds"),
+                        *[r["metrics"].get(k, "") for k in metric_names]])
+    with open(os.path.join(out_dir, "ablation.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "n_seeds", *[f"{k}_{s}" for k in metric_names
+                                          for s in ("mean", "std", "ci_low", "ci_high")]])
+        for row in rows:
+            w.writerow([row["group"], row["n_seeds"],
+                        *[("" if row["metrics"].get(k, {}).get(s) is None else row["metrics"][k][s])
+                          for k in metric_names for s in ("mean", "std", "ci_low", "ci_high")]])
+    cols = [c for c in ABLATION_TABLE_METRICS if c in metric_names]
+    lines = [f"Mean ± std [{int(confidence * 100)}% t-interval] over seeds; patient-wise held-out test patients.",
+             "", "| run | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append(f"| {row['group']} | {row['n_seeds']} | "
+                     + " | ".join(format_ci(row["metrics"].get(c)) for c in cols) + " |")
+    if missing:
+        lines += ["", f"Incomplete runs ({len(missing)}): " + ", ".join(missing)]
+    errors = sorted({e for row in rows for e in row["errors"]})
+    if errors:
+        lines += ["", "Saliency errors: " + "; ".join(errors)]
+    with open(os.path.join(out_dir, "ablation.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "ablation.json"), "w") as f:
+        json.dump({"rows": rows, "runs": results, "missing": missing}, f, indent=2)
+    return rows
+
+
+# ------------------------------------------------------------------------------- SLURM
+
+
+def write_slurm_script(out_dir: str, n_runs: int | None = None, command: str = "python experiments/ablate.py",
+                       job_name: str = "lclsc-ablation", time_limit: str = "04:00:00", cpus_per_task: int = 8,
+                       gpus_per_node: int = 0, nodes: int = 1, partition: str | None = None,
+                       max_parallel: int | None = None) -> str:
+    """Write ``out_dir/ablation.slurm``: a job array with one plan entry per task; return its path.
+
+    Each task runs ``COMMAND --out OUT_DIR --run-index $SLURM_ARRAY_TASK_ID``; finished runs are
+    skipped, so the array can be resubmitted. With ``nodes > 1`` each run is multi-host: ``srun``
+    starts one process per node and ``LCLSC_DISTRIBUTED=1`` lets ``jax.distributed`` read SLURM's
+    environment. Gather with ``COMMAND --out OUT_DIR --collect``.
+    """
+    if n_runs is None:
+        n_runs = len(load_plan(out_dir)["runs"])
+    if n_runs < 1:
+        raise ValueError("the plan has no runs")
+    out = os.path.abspath(out_dir)
+    array = f"0-{n_runs - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --array={array}",
+             f"#SBATCH --output={out}/slurm/%A_%a.out", f"#SBATCH --time={time_limit}",
+             f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={cpus_per_task}"]
+    if gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    lines += ["", "set -euo pipefail", f"mkdir -p {out}/slurm",
+              "# One ablation run per array task (the plan is OUT/plan.json); finished runs are skipped.",
+              "# Multi-host runs (--nodes > 1): one process per node; jax.distributed reads SLURM's variables.",
+              "# Without SLURM set LCLSC_COORDINATOR=host:port LCLSC_NUM_PROCESSES=N LCLSC_PROCESS_ID=i instead."]
+    if nodes > 1:
+        lines.append("export LCLSC_DISTRIBUTED=1")
+    lines += [f"srun {command} --out {out} --run-index ${{SLURM_ARRAY_TASK_ID}}", "",
+              f"# when all tasks are done: {command} --out {out} --collect"]
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "ablation.slurm")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def add_ablation_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of the ablation command (``experiments/ablate.py``, ``lclsc ablate``) to ``p``."""
+    p.add_argument("--out", required=True, help="shared output folder (plan.json, runs/<name>/, tables)")
+    p.add_argument("--preset", default="quick", choices=sorted(ABLATION_GRIDS), help="which grid (default: quick)")
+    p.add_argument("--grid", metavar="JSON", help="a grid JSON file instead of --preset")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the grid's)")
+    p.add_argument("--config", help="base preset or JSON config (default: the grid's, e.g. demo)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides applied to every run")
+    p.add_argument("--folds", type=int, help="k-fold patient-wise CV per run instead of the fixed split")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel child processes (default 1; 0 = in this process); >1 limits each to one thread")
+    p.add_argument("--saliency-images", type=int, default=16, help="test images scored per run (default 16)")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion AUC")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--slurm", action="store_true", help="write OUT/plan.json and OUT/ablation.slurm, do not run")
+    g.add_argument("--run-index", type=int, help="run one entry of OUT/plan.json (a SLURM array task)")
+    g.add_argument("--collect", action="store_true", help="gather finished runs into the tables")
+    g.add_argument("--nodes", type=int, default=1, help="nodes per run (multi-host through jax.distributed)")
+    g.add_argument("--gpus-per-node", type=int, default=0)
+    g.add_argument("--cpus-per-task", type=int, default=8)
+    g.add_argument("--time", default="04:00:00", help="SLURM time limit per run")
+    g.add_argument("--partition")
+    g.add_argument("--max-parallel", type=int, help="at most this many array tasks at once")
+    g.add_argument("--slurm-command", default="python experiments/ablate.py",
+                   help="what each array task runs (default: python experiments/ablate.py)")
+    return p
+
+
+def ablation_command(args: argparse.Namespace) -> int:
+    """Run, plan for SLURM, run one plan entry, or collect an ablation, as ``args`` says; exit code."""
+    from lclsc_jax.train import config as C
+
+    if args.run_index is not None:
+        res = run_index(args.out, args.run_index, progress=True)
+        print("already complete, skipped" if res is None else json.dumps(res["metrics"], indent=1))
+        return 0
+    if args.collect:
+        rows = ablation_table(args.out)
+        with open(os.path.join(args.out, "ablation.md")) as f:
+            print(f.read())
+        return 0 if rows else 1
+    if args.grid:
+        with open(args.grid) as f:
+            grid = json.load(f)
+    else:
+        grid = ABLATION_GRIDS[args.preset]
+    first = _subgrids(grid)[0]
+    seeds = args.seeds or first.get("seeds", [0])
+    base = args.config or first.get("base_config", "demo")
+    common = dict(base_overrides=C.parse_overrides(args.set), folds=args.folds,
+                  saliency_images=args.saliency_images, faithfulness=not args.no_faithfulness)
+    if args.slurm:
+        runs = expand_grid(grid, seeds)
+        write_plan(args.out, runs, base, **common)
+        path = write_slurm_script(args.out, len(runs), command=args.slurm_command, time_limit=args.time,
+                                  cpus_per_task=args.cpus_per_task, gpus_per_node=args.gpus_per_node,
+                                  nodes=args.nodes, partition=args.partition, max_parallel=args.max_parallel)
+        print(f"{len(runs)} runs planned; submit with: sbatch {path}")
+        return 0
+    run_ablation(grid, args.out, workers=args.workers, seeds=seeds, base_config=base, **common)
+    with open(os.path.join(args.out, "ablation.md")) as f:
+        print(f.read())
+    return 0

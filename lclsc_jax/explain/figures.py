@@ -1,0 +1,149 @@
+"""Writing explanations to disk: ``.npy`` maps, PNG overlays, and a grid of every method."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lclsc_jax.explain import core
+from lclsc_jax.explain.api import METHODS, saliency
+
+
+def _display_and_inputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(display in [0, 1], model inputs)`` from uint8 pixels or already-normalised float inputs."""
+    from lclsc_jax.data import denormalize_images, normalize_images
+
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, H, W, C), got {images.shape}")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0, normalize_images(images)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be uint8 pixels or float model inputs, got {images.dtype}")
+    x = images.astype(np.float32)
+    return denormalize_images(x), x
+
+
+def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5) -> None:
+    """Draw ``heat (H, W)`` in [0, 1] (jet) over ``image (H, W, C)`` in [0, 1] on a matplotlib axis."""
+    img = image[..., 0] if image.shape[-1] == 1 else image[..., :3]
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0)
+    ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def _stem(name: str) -> str:
+    base = os.path.basename(str(name))
+    stem, _ = os.path.splitext(base)
+    return stem or base or "image"
+
+
+def _predict(model, variables, x, global_emb, tau, score) -> np.ndarray:
+    """Class probabilities ``(N, K)`` of the scorer's outputs (softmax)."""
+    scorer = core.make_scorer(model, x.shape[0], score=score, global_emb=global_emb, tau=tau)
+    out = core.forward(model, variables, jnp.asarray(x))
+    return np.asarray(jax.nn.softmax(scorer.outputs(out, (x.shape[0],)), axis=-1))
+
+
+def write_explanations(
+    model: Any,
+    variables: Any,
+    images: np.ndarray,
+    image_names: Sequence[str],
+    out_dir: str,
+    method: str,
+    stage: str | Sequence[str] = "last",
+    global_emb: jax.Array | None = None,
+    class_names: Sequence[str] | None = None,
+    tau: float = 0.1,
+    targets: Sequence[int] | None = None,
+    batch_size: int = 8,
+    score: str = "auto",
+    **options: Any,
+) -> list[str]:
+    """Write per image ``<stem>_<method>.npy`` (the (H, W) map) and ``<stem>_<method>.png`` overlay.
+
+    ``images (N, H, W, C)``: uint8 pixels (normalised with ``lclsc_jax.data.normalize_images``) or
+    float model inputs. ``method="all"`` computes every method (those that cannot run on this
+    model, e.g. ``sc`` without ``global_emb``, are skipped) and writes ``<stem>_all.png``, a grid.
+    The overlay title names the predicted class and its probability. Returns the written paths.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
+
+    if method != "all" and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected 'all' or one of {METHODS}")
+    display, x = _display_and_inputs(images)
+    names = [str(n) for n in image_names]
+    if len(names) != len(x):
+        raise ValueError(f"got {len(x)} images but {len(names)} names")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    os.makedirs(out_dir, exist_ok=True)
+    probs = np.concatenate([_predict(model, variables, x[i:i + batch_size], global_emb, tau, score)
+                            for i in range(0, len(x), batch_size)])
+    pred = probs.argmax(axis=-1)
+    labels = list(class_names) if class_names is not None else [str(c) for c in range(probs.shape[-1])]
+    tgt = None if targets is None else np.asarray(targets, np.int32)
+
+    methods = list(METHODS) if method == "all" else [method]
+    maps: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    for m in methods:
+        st = "last" if m == "sc" else stage
+        try:
+            chunks = []
+            for i in range(0, len(x), batch_size):
+                t = None if tgt is None else tgt[i:i + batch_size]
+                chunks.append(np.asarray(saliency(m, model, variables, x[i:i + batch_size], t, st,
+                                                  global_emb=global_emb, tau=tau, score=score,
+                                                  **(options if method != "all" else {}))))
+            maps[m] = np.concatenate(chunks)
+        except ValueError as e:
+            if method != "all":
+                raise
+            skipped[m] = str(e).split(";")[0]
+
+    written: list[str] = []
+    for i, name in enumerate(names):
+        stem = _stem(name)
+        shown = pred[i] if tgt is None else tgt[i]
+        head = f"{stem}: pred {labels[pred[i]]} (p={probs[i, pred[i]]:.2f})"
+        if tgt is not None:
+            head += f", explaining {labels[shown]}"
+        for m, mp in maps.items():
+            path = os.path.join(out_dir, f"{stem}_{m}.npy")
+            np.save(path, mp[i].astype(np.float32))
+            written.append(path)
+        if method != "all":
+            fig = Figure(figsize=(6, 3.2))
+            ax = fig.subplots(1, 2)
+            overlay(ax[0], display[i], np.zeros_like(maps[method][i]), "image", alpha=0.0)
+            overlay(ax[1], display[i], maps[method][i], method)
+            fig.suptitle(head, fontsize=9)
+            path = os.path.join(out_dir, f"{stem}_{method}.png")
+        else:
+            cells = ["image"] + list(maps)
+            cols = min(6, len(cells))
+            rows = -(-len(cells) // cols)
+            fig = Figure(figsize=(2.2 * cols, 2.3 * rows))
+            axes = fig.subplots(rows, cols, squeeze=False)
+            for ax in axes.ravel():
+                ax.axis("off")
+            for ax, m in zip(axes.ravel(), cells):
+                if m == "image":
+                    overlay(ax, display[i], np.zeros(display[i].shape[:2]), "image", alpha=0.0)
+                else:
+                    overlay(ax, display[i], maps[m][i], m)
+            note = f" (skipped: {', '.join(sorted(skipped))})" if skipped else ""
+            fig.suptitle(head + note, fontsize=9)
+            path = os.path.join(out_dir, f"{stem}_all.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        written.append(path)
+    return written

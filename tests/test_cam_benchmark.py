@@ -1,0 +1,127 @@
+"""CAM benchmark: (method, stage) plan, image selection, table rows/columns, failures recorded, numbers."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lclsc_jax import data, explain, models
+from lclsc_jax.evaluate import cam_benchmark as cb
+from lclsc_jax.train import config as C
+from lclsc_jax.train import inference, loop
+
+
+def test_plan_stage_methods_times_stages_sc_last_input_once():
+    model = models.create("tiny", 3, head="gei", embed_dim=8, in_channels=1)
+    plan = cb.benchmark_plan(model, ["sc", "gradcam", "fullgrad", "eigencam"], ["stage3", "last"])
+    assert plan == [("sc", "stage4"), ("gradcam", "stage3"), ("gradcam", "stage4"), ("fullgrad", "input"),
+                    ("eigencam", "stage3"), ("eigencam", "stage4")]
+    assert len(cb.benchmark_plan(model, ["gradcam"], None)) == len(model.stage_names)
+    with pytest.raises(ValueError, match="unknown stage"):
+        cb.benchmark_plan(model, ["gradcam"], ["stage9"])
+    with pytest.raises(ValueError, match="unknown saliency method"):
+        cb.benchmark_plan(model, ["gradcm"], ["stage4"])
+
+
+def test_select_images_is_an_evenly_spread_ordered_subset():
+    idx = np.arange(100, 160)
+    sel = cb.select_images(idx, 7)
+    assert len(sel) == 7 and sel[0] == 100 and sel[-1] == 159
+    assert np.all(np.diff(sel) > 0) and set(sel) <= set(idx)
+    np.testing.assert_array_equal(cb.select_images(idx[:5], 7), idx[:5])
+
+
+def test_columns_name_every_threshold_and_otsu():
+    cols = cb.benchmark_columns((0.3, 0.5), faithfulness=True)
+    for key in ("0.3", "0.5", "otsu"):
+        assert all(f"{m}@{key}" in cols for m in ("dice", "iou", "precision", "recall", "bbox_iou"))
+    assert cols[:2] == ["method", "stage"] and cols[-1] == "error"
+    assert "deletion_auc" in cols and "deletion_auc" not in cb.benchmark_columns((0.5,))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cam")
+    cfg = C.load("tiny", {"data.cache_dir": str(root / "cache"), "train.steps": 8, "train.eval_every": 8,
+                          "train.checkpoint_every": 8})
+    loop.train(cfg, str(root / "run"), progress=False)
+    return str(root / "run")
+
+
+def _dice_np(pred: np.ndarray, gt: np.ndarray) -> float:
+    den = pred.sum() + gt.sum()
+    return 1.0 if den == 0 else 2.0 * np.logical_and(pred, gt).sum() / den
+
+
+@pytest.mark.slow
+def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
+    real = explain.saliency
+
+    def flaky(method, *a, stage="last", **kw):  # hirescam "breaks" at stage3
+        if method == "hirescam" and stage == "stage3":
+            raise RuntimeError("boom at stage3")
+        return real(method, *a, stage=stage, **kw)
+
+    monkeypatch.setattr(explain, "saliency", flaky)
+    out = str(tmp_path / "bench")
+    rows = cb.benchmark_cams(tiny_run, methods=["gradcam", "hirescam"], stages=["stage3", "stage4"], max_images=6,
+                             thresholds=(0.5,), out_dir=out, faithfulness=True, deletion_steps=4, figure_images=3,
+                             progress=False)
+    assert [(r["method"], r["stage"]) for r in rows] == [("gradcam", "stage3"), ("gradcam", "stage4"),
+                                                         ("hirescam", "stage3"), ("hirescam", "stage4")]
+    bad = rows[2]
+    assert bad["error"].startswith("RuntimeError: boom") and bad.get("dice@0.5") is None
+    for r in (rows[0], rows[1], rows[3]):
+        assert r["error"] is None and r["n_images"] == 6
+        for k in ("dice@0.5", "dice@otsu", "iou@otsu", "bbox_iou@0.5", "pointing_game", "energy_pointing_game",
+                  "deletion_auc", "insertion_auc"):
+            assert 0.0 <= r[k] <= 1.0, k
+
+    # Independent recomputation of gradcam@stage4 Dice at 0.5 inside the field of view.
+    run = inference.load_run(tiny_run)
+    ds = loop.load_dataset(run.cfg)
+    with open(os.path.join(out, "cam_benchmark.json")) as f:
+        meta = json.load(f)
+    idx = np.asarray(meta["indices"])
+    test_idx = np.asarray(json.load(open(os.path.join(tiny_run, "splits.json")))["indices"]["test"])
+    assert len(idx) == 6 and set(idx) <= set(test_idx)
+    recs = [ds.source[int(i)] for i in idx]
+    x = data.normalize_images(np.stack([r["image"] for r in recs]))
+    y = np.array([r["label"] for r in recs], np.int32)
+    gt = np.stack([r["mask"] > 0 for r in recs])
+    maps = np.asarray(real("gradcam", run.model, run.variables, x, y, stage="stage4", global_emb=run.global_emb,
+                           tau=run.cfg.loss.tau))
+    h = x.shape[1]
+    c = (np.arange(h) + 0.5) / h - 0.5
+    fov = (c[:, None] ** 2 + c[None, :] ** 2) <= 0.25
+    keep = (gt & fov).any(axis=(1, 2))
+    expect = np.mean([_dice_np((maps[i] >= 0.5) & fov, gt[i] & fov) for i in range(6) if keep[i]])
+    assert rows[1]["dice@0.5"] == pytest.approx(expect, abs=1e-5)
+
+    # Files: CSV/Markdown with every column, one line per row; a figure per stage.
+    cols = cb.benchmark_columns((0.5,), faithfulness=True)
+    with open(os.path.join(out, "cam_benchmark.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == cols and len(table) == 4
+    assert table[2]["error"].startswith("RuntimeError") and table[2]["dice@0.5"] == ""
+    md = open(os.path.join(out, "cam_benchmark.md")).read().strip().splitlines()
+    assert len(md) == 2 + 4 and "dice@otsu" in md[0]
+    for stage in ("stage3", "stage4"):
+        assert os.path.getsize(os.path.join(out, f"grid_{stage}.png")) > 1000
+
+
+@pytest.mark.slow
+def test_benchmark_rejects_data_without_masks(tiny_run, monkeypatch):
+    real_load = loop.load_dataset
+
+    def no_masks(cfg, source=None):
+        return dataclasses.replace(real_load(cfg, source), has_masks=False)
+
+    monkeypatch.setattr(loop, "load_dataset", no_masks)
+    with pytest.raises(ValueError, match="no ground-truth masks"):
+        cb.benchmark_cams(tiny_run, methods=["gradcam"], progress=False)

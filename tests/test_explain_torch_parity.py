@@ -1,0 +1,125 @@
+"""Parity with pytorch-grad-cam 1.5.7 on the same ResNet-18 weights (optional).
+
+Needs torch and ``grad-cam`` (``pip install --no-deps grad-cam==1.5.7 ttach opencv-python-headless``);
+torchvision is not needed: pytorch-grad-cam imports it only for image preprocessing, SESS and
+detection targets, so a stub module is installed when it is missing. Skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+
+def _install_torchvision_stub() -> None:
+    try:
+        import torchvision  # noqa: F401
+        return
+    except ImportError:
+        pass
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("torchvision is not installed (stub for pytorch-grad-cam)")
+
+    tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+    fn, ops = types.ModuleType("torchvision.transforms.functional"), types.ModuleType("torchvision.ops")
+    tr.Compose = tr.Normalize = tr.ToTensor = missing
+    fn.resize = ops.box_iou = missing
+    tr.functional, tv.transforms, tv.ops = fn, tr, ops
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
+                        "torchvision.transforms.functional": fn, "torchvision.ops": ops})
+
+
+_install_torchvision_stub()
+pgc = pytest.importorskip("pytorch_grad_cam")
+
+import jax.numpy as jnp  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+from lclsc_jax import explain, models  # noqa: E402
+
+interop = pytest.importorskip("lclsc_jax.interop")
+tref = pytest.importorskip("lclsc_jax.interop.torch_reference")
+
+CLASSES = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM",
+           "layercam": "LayerCAM", "gradcam_elementwise": "GradCAMElementWise", "eigencam": "EigenCAM",
+           "scorecam": "ScoreCAM", "ablationcam": "AblationCAM", "fullgrad": "FullGrad"}
+
+
+def _torchvision_order_forward(self, x):
+    """torchvision's BasicBlock.forward (downsample after the main path): FullGrad pairs biases
+    with gradients in module-registration order, which needs this execution order."""
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.relu(out + identity)
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, net, global_emb=None, tau=0.1):
+        super().__init__()
+        self.net, self.g, self.tau = net, global_emb, tau
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.g is None:
+            return out["logits"]
+        z = torch.nn.functional.normalize(out["embedding"], dim=-1)
+        return z @ torch.nn.functional.normalize(self.g, dim=-1).T / self.tau
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    net = tref.torch_resnet("resnet18", num_classes=4, embed_dim=32)
+    tref.randomize_batch_norm(net, 0)
+    type(net.layer1[0]).forward = _torchvision_order_forward
+    net.eval()
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    variables = interop.load_torch_weights(sd, "resnet18")
+    model = models.create("resnet18", 4, head="linear", embed_dim=32)
+    return net, model, variables
+
+
+def _compare(pair, method, stage, size, batch, gei=False):
+    net, model, variables = pair
+    x = np.random.RandomState(1).randn(batch, 3, size, size).astype(np.float32)
+    g = np.random.RandomState(2).randn(4, 32).astype(np.float32) if gei else None
+    wrapped = _Logits(net, None if g is None else torch.from_numpy(g)).eval()
+    with torch.no_grad():
+        tg = wrapped(torch.from_numpy(x)).numpy().argmax(-1)
+    layer = {"stage4": net.layer4, "stage3": net.layer3}[stage]
+    cam = getattr(pgc, CLASSES[method])(model=wrapped, target_layers=[] if method == "fullgrad" else [layer])
+    ref = cam(input_tensor=torch.from_numpy(x), targets=[ClassifierOutputTarget(int(t)) for t in tg])
+    kw = {"global_emb": jnp.asarray(g), "score": "gei"} if gei else {}
+    ours = np.asarray(explain.saliency(method, model, variables, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                       jnp.asarray(tg), stage, **kw))
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ref, ours)]
+    assert min(corr) > 0.99, (method, stage, corr)
+    return corr
+
+
+@pytest.mark.parametrize("stage", ["stage4", "stage3"])
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam",
+                                    "gradcam_elementwise", "eigencam"])
+def test_gradient_cams_and_eigencam_match(pair, method, stage):
+    _compare(pair, method, stage, 96, 2)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_perturbation_cams_match(pair, method):
+    _compare(pair, method, "stage4", 64, 1)
+
+
+def test_fullgrad_matches(pair):
+    _compare(pair, "fullgrad", "stage4", 64, 2)
+
+
+def test_gei_scores_match(pair):
+    _compare(pair, "gradcam", "stage4", 96, 2, gei=True)
