@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: WORKDIR/cam_benchmark)")
     _add_checkpoint(p)
 
-    from lclsc_jax.evaluate.protocols import add_ablation_arguments
+    from lclsc_jax.evaluate.ablation import add_ablation_arguments
 
     p = sub.add_parser("ablate", help="a grid of configs x seeds, patient-wise, resumable; one results table",
                        description="Run an ablation sweep (see docs/protocols.md). Finished runs are skipped, so "
@@ -203,18 +203,18 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
-    from lclsc_jax.evaluate import protocols
+    from lclsc_jax.evaluate import cross_validation as cv
     from lclsc_jax.train import config as C
 
     overrides = C.parse_overrides(args.set)
     if args.data:
         overrides["data.source"] = args.data
     cfg = C.load(args.config, overrides)
-    summary = protocols.cross_validate(cfg, args.workdir, folds=None if args.lopo else args.folds, lopo=args.lopo,
+    summary = cv.cross_validate(cfg, args.workdir, folds=None if args.lopo else args.folds, lopo=args.lopo,
                                        nested=args.nested, seed=args.seed, progress=not args.no_progress,
                                        figures=not args.no_figures)
-    print(protocols.format_cv_summary(summary))
-    print(f"written: {os.path.join(args.workdir, protocols.CV_SUMMARY)}")
+    print(cv.format_cv_summary(summary))
+    print(f"written: {os.path.join(args.workdir, cv.CV_SUMMARY)}")
     return 0
 
 
@@ -230,9 +230,9 @@ def _benchmark_cams(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from lclsc_jax.evaluate import protocols
+    from lclsc_jax.evaluate import ablation
 
-    return protocols.ablation_command(args)
+    return ablation.ablation_command(args)
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lclsc_jax.evaluate import protocols as P
+from lclsc_jax.evaluate import ablation as P
 
 ROOT = Path(__file__).resolve().parents[1]
 

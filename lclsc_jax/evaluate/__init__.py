@@ -2,7 +2,7 @@
 
 ``metrics`` and ``localisation`` are NumPy (host side); ``faithfulness`` runs the model
 under ``jax.jit`` in bounded batches; ``plots`` draws PNGs with matplotlib (Agg canvas, no pyplot).
-``protocols`` (patient-wise CV / LOPO, ablation sweeps) and ``cam_benchmark`` (saliency methods x
+``cross_validation`` (patient-wise k-fold / LOPO), ``ablation`` (sweeps) and ``cam_benchmark`` (saliency methods x
 stages vs GT masks) drive trained runs. Formulas and references: ``docs/evaluate.md``,
 ``docs/protocols.md``.
 """
@@ -41,15 +41,8 @@ from lclsc_jax.evaluate.metrics import (
     confusion_matrix,
     roc_curve_points,
 )
-from lclsc_jax.evaluate.protocols import (
-    ABLATION_GRIDS,
-    ablation_table,
-    cross_validate,
-    cv_folds,
-    expand_grid,
-    run_ablation,
-    write_slurm_script,
-)
+from lclsc_jax.evaluate.ablation import ABLATION_GRIDS, ablation_table, expand_grid, run_ablation, write_slurm_script
+from lclsc_jax.evaluate.cross_validation import cross_validate, cv_folds
 from lclsc_jax.evaluate.plots import (
     confidence_histogram,
     confusion_matrix_plot,

@@ -14,7 +14,6 @@ there), input-level methods (``fullgrad``, ``occlusion``, gradients, ...) with s
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence

@@ -21,7 +21,6 @@ def cross_entropy_loss(
     check_labels(labels, logits.shape[0])
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    num_classes = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(compute_dtype(logits)), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     if label_smoothing:

@@ -122,8 +122,6 @@ def _eval_batch_size(cfg: Config, mesh: jax.sharding.Mesh) -> int:
 
 def predict_files(workdir: str, paths: Sequence[str], which: str = "best") -> list[dict[str, Any]]:
     """Class and probabilities for each image file (GEI for contrastive runs)."""
-    from lclsc_jax import data
-
     run = load_run(workdir, which)
     images = load_images(run.cfg, paths)
     probs = predict_arrays(run, images)

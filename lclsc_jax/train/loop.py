@@ -174,8 +174,6 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
     if splits is None:
         splits = make_splits(cfg, ds)
     else:
-        from lclsc_jax import data
-
         data.check_disjoint(ds.patients, splits)
     write_json(os.path.join(workdir, "splits.json"), {
         "indices": {k: np.asarray(v).tolist() for k, v in splits.items()},

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lclsc_jax import data
-from lclsc_jax.evaluate import protocols
+from lclsc_jax.evaluate import cross_validation as cv
 from lclsc_jax.train import config as C
 from lclsc_jax.train import loop
 
@@ -24,7 +23,7 @@ LABELS = np.array([int(p[1:]) % 2 for p in PATIENTS])
 
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_kfold_is_patient_disjoint_and_covers_every_record_once(k):
-    folds = protocols.cv_folds(PATIENTS, LABELS, folds=k, seed=1)
+    folds = cv.cv_folds(PATIENTS, LABELS, folds=k, seed=1)
     assert len(folds) == k
     tests = np.concatenate([te for _, te in folds])
     np.testing.assert_array_equal(np.sort(tests), np.arange(len(PATIENTS)))  # each record tested exactly once
@@ -35,7 +34,7 @@ def test_kfold_is_patient_disjoint_and_covers_every_record_once(k):
 
 
 def test_lopo_has_one_patient_per_test_fold():
-    folds = protocols.cv_folds(PATIENTS, LABELS, lopo=True)
+    folds = cv.cv_folds(PATIENTS, LABELS, lopo=True)
     assert len(folds) == len(set(PATIENTS))
     seen = []
     for train, test in folds:
@@ -47,14 +46,14 @@ def test_lopo_has_one_patient_per_test_fold():
 
 
 def test_nested_split_holds_out_training_patients_only():
-    train, test = protocols.cv_folds(PATIENTS, LABELS, folds=2, seed=0)[0]
-    s = protocols.fold_splits(PATIENTS, LABELS, train, test, nested=True, val_fraction=0.3, seed=0)
+    train, test = cv.cv_folds(PATIENTS, LABELS, folds=2, seed=0)[0]
+    s = cv.fold_splits(PATIENTS, LABELS, train, test, nested=True, val_fraction=0.3, seed=0)
     assert set(PATIENTS[s["val"]]) and set(PATIENTS[s["train"]])
     assert set(PATIENTS[s["val"]]).isdisjoint(PATIENTS[s["train"]])
     assert set(PATIENTS[s["val"]]) | set(PATIENTS[s["train"]]) == set(PATIENTS[train])
     np.testing.assert_array_equal(np.sort(np.concatenate([s["train"], s["val"]])), np.sort(train))
     np.testing.assert_array_equal(s["test"], test)
-    flat = protocols.fold_splits(PATIENTS, LABELS, train, test, nested=False)
+    flat = cv.fold_splits(PATIENTS, LABELS, train, test, nested=False)
     assert len(flat["val"]) == 0
     np.testing.assert_array_equal(flat["train"], train)
 
@@ -62,7 +61,7 @@ def test_nested_split_holds_out_training_patients_only():
 def test_nested_split_with_too_few_patients_is_a_clear_error():
     pats = np.array(["A", "A", "B", "B"])
     with pytest.raises(ValueError, match="too few"):
-        protocols.fold_splits(pats, np.array([0, 0, 1, 1]), np.array([0, 1]), np.array([2, 3]), nested=True)
+        cv.fold_splits(pats, np.array([0, 0, 1, 1]), np.array([0, 1]), np.array([2, 3]), nested=True)
 
 
 def _fake_fold(rng, patients, labels, c=2):
@@ -78,7 +77,7 @@ def test_lopo_summary_pools_predictions_when_fold_auroc_is_undefined():
     rng = np.random.default_rng(3)
     preds = [_fake_fold(rng, [f"P{i}"] * 4, [i % 2] * 4) for i in range(6)]  # one class per fold
     metrics = [evaluate.classification_metrics(p["label"], p["probs"], patients=p["patient"]) for p in preds]
-    s = protocols.summarize_folds(metrics, preds, ["a", "b"])
+    s = cv.summarize_folds(metrics, preds, ["a", "b"])
     assert all(f["auroc"] is None for f in s["folds"])
     assert s["aggregate"]["metrics"]["auroc"]["n"] == 0 and s["notes"]
     y = np.concatenate([p["label"] for p in preds])
@@ -96,8 +95,8 @@ def test_lopo_figures_skip_the_undefined_per_fold_roc(tmp_path):
     rng = np.random.default_rng(4)
     preds = [_fake_fold(rng, [f"P{i}"] * 3, [i % 2] * 3) for i in range(4)]
     metrics = [evaluate.classification_metrics(p["label"], p["probs"], patients=p["patient"]) for p in preds]
-    s = protocols.summarize_folds(metrics, preds, ["a", "b"])
-    figs = protocols.write_cv_figures(s, preds, ["a", "b"], str(tmp_path))
+    s = cv.summarize_folds(metrics, preds, ["a", "b"])
+    figs = cv.write_cv_figures(s, preds, ["a", "b"], str(tmp_path))
     assert set(figs) == {"roc_pooled", "confusion_matrix", "confidence", "per_patient"}
     assert all(os.path.getsize(tmp_path / f) > 1000 for f in figs.values())
     assert s["pooled"]["n_patients"] == 4 and set(s["pooled"]["per_patient"]) == {"P0", "P1", "P2", "P3"}
@@ -129,7 +128,7 @@ def test_cross_validate_end_to_end_and_resume_skips_finished_folds(tiny, tmp_pat
 
     monkeypatch.setattr(loop, "train", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
-        protocols.cross_validate(cfg, wd, folds=2, dataset=ds, progress=False)
+        cv.cross_validate(cfg, wd, folds=2, dataset=ds, progress=False)
     assert calls == ["fold_00", "fold_01"]
     m0 = os.path.join(wd, "fold_00", "metrics.json")
     assert os.path.exists(m0) and not os.path.exists(os.path.join(wd, "fold_01", "metrics.json"))
@@ -138,12 +137,12 @@ def test_cross_validate_end_to_end_and_resume_skips_finished_folds(tiny, tmp_pat
     calls.clear()
     monkeypatch.setattr(loop, "train", lambda cfg_, workdir, **kw: (calls.append(os.path.basename(workdir)),
                                                                        real_train(cfg_, workdir, **kw))[1])
-    summary = protocols.cross_validate(cfg, wd, folds=2, dataset=ds, progress=False)
+    summary = cv.cross_validate(cfg, wd, folds=2, dataset=ds, progress=False)
     assert calls == ["fold_01"]  # the finished fold was not retrained
     assert os.stat(m0).st_mtime_ns == stamp
 
     calls.clear()
-    again = protocols.cross_validate(cfg, wd, folds=2, dataset=ds, progress=False)
+    again = cv.cross_validate(cfg, wd, folds=2, dataset=ds, progress=False)
     assert calls == [] and again["mean"] == summary["mean"]
 
     # Folds: patient-disjoint train/test (as trained, from each fold's splits.json), tests cover everyone.
@@ -188,4 +187,4 @@ def test_cross_validate_end_to_end_and_resume_skips_finished_folds(tiny, tmp_pat
 
     # A restart with other settings is refused instead of mixing folds.
     with pytest.raises(ValueError, match="other settings"):
-        protocols.cross_validate(cfg, wd, folds=3, dataset=ds, progress=False)
+        cv.cross_validate(cfg, wd, folds=3, dataset=ds, progress=False)
