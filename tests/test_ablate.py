@@ -117,6 +117,14 @@ def test_skip_complete_collect_and_table_statistics(tmp_path, monkeypatch):
     md = (tmp_path / "ablation.md").read_text()
     assert "| ce | 3 |" in md and "Incomplete runs (1): lcl_sc__seed=2" in md
     assert len((tmp_path / "ablation_runs.csv").read_text().strip().splitlines()) == 1 + 5
+    # Paired by seed against ce: lcl_sc has seeds 0 and 1 in common.
+    d = np.array([values["lcl_sc"][k]["gradcam.dice@otsu"] - values["ce"][k]["gradcam.dice@otsu"] for k in (0, 1)])
+    half = stats.t.ppf(0.975, 1) * d.std(ddof=1) / np.sqrt(2)
+    paired = json.loads((tmp_path / "ablation.json").read_text())["paired_vs_reference"]["lcl_sc"]
+    assert paired["seeds"] == [0, 1]
+    got = paired["metrics"]["gradcam.dice@otsu"]
+    assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx((d.mean(), d.mean() - half, d.mean() + half))
+    assert "| lcl_sc − ce | 2 |" in md and f"{d.mean():+.3f} ± {d.std(ddof=1):.3f} [{d.mean() - half:+.3f}" in md
 
     # All complete: run_ablation runs nothing and only rewrites the table.
     _fake_results(tmp_path, runs[-1], plan, {"accuracy": 0.5})

@@ -271,3 +271,30 @@ def test_clear_errors():
         model.apply(v, x, stage="layer3", method=model.from_stage)
     with pytest.raises(ValueError, match="stage2"):
         model.apply(v, jnp.zeros((1, 4, 4, 7)), stage="stage2", method=model.from_stage)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,pad", [((3, 2, 2, 16), 3, 1, 1), ((2, 1, 2, 8), 3, 2, 1),
+                                                     ((2, 2, 2, 8), 5, 1, 2), ((2, 6, 6, 4), 3, 1, 1)])
+def test_patch_conv_equals_lax_conv_and_its_gradients(shape, kernel, stride, pad):
+    """The patches @ kernel path for maps smaller than the kernel (and the fallback) vs lax.conv."""
+    from lclsc_jax.models.layers import patch_conv
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape, np.float32))
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 7), np.float32))
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    args = ((stride, stride), ((pad, pad), (pad, pad)))
+    hi = jax.lax.Precision.HIGHEST
+
+    def ref(x_, w_):
+        return jax.lax.conv_general_dilated(x_, w_, *args, dimension_numbers=dn, precision=hi)
+
+    def ours(x_, w_):
+        return patch_conv(x_, w_, *args, dimension_numbers=dn, precision=hi)
+
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    ct = jnp.asarray(rng.standard_normal(ref(x, w).shape, np.float32))
+    g_ref = jax.grad(lambda a, b: jnp.sum(ref(a, b) * ct), argnums=(0, 1))(x, w)
+    g_ours = jax.grad(lambda a, b: jnp.sum(ours(a, b) * ct), argnums=(0, 1))(x, w)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -27,7 +27,7 @@ from lclsc_jax.evaluate.cross_validation import _log, _scalars, cross_validate, 
 from lclsc_jax.evaluate.metrics import aggregate_folds
 
 __all__ = ["ABLATION_GRIDS", "ABLATION_TABLE_METRICS", "SALIENCY_METRICS", "ablation_command", "ablation_table",
-           "add_ablation_arguments", "collect_ablation", "expand_grid", "group_results", "load_plan", "run_ablation",
+           "add_ablation_arguments", "collect_ablation", "expand_grid", "group_results", "load_plan", "paired_differences", "run_ablation",
            "run_dir", "run_index", "run_one", "run_overrides", "write_plan", "write_slurm_script"]
 
 #: Named grids. A grid is ``{"variants": {name: overrides}, "axes": {key: [values]}, "overrides": {...}}``
@@ -367,7 +367,33 @@ def group_results(results: Sequence[Mapping[str, Any]], confidence: float = 0.95
 
 
 
-def ablation_table(out_dir: str, confidence: float = 0.95) -> list[dict[str, Any]]:
+def paired_differences(results: Sequence[Mapping[str, Any]], reference: str = "ce",
+                       confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Per group, ``metric(group, seed) - metric(reference, seed)`` over their common seeds: mean/std/CI.
+
+    Returns ``{group: {"seeds": [...], "metrics": {name: stats}}}`` for every group other than
+    ``reference`` sharing at least two seeds with it (the statistics of ``aggregate_folds``).
+    """
+    by: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["group"], {})[int(r["seed"])] = r["metrics"]
+    if reference not in by:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for group, runs in by.items():
+        seeds = sorted(set(runs) & set(by[reference]))
+        if group == reference or len(seeds) < 2:
+            continue
+        diffs = []
+        for sd in seeds:
+            a, b = runs[sd], by[reference][sd]
+            diffs.append({k: float(a[k]) - float(b[k]) for k in a
+                          if isinstance(a[k], (int, float)) and isinstance(b.get(k), (int, float))})
+        out[group] = {"seeds": seeds, "metrics": aggregate_folds(diffs, confidence=confidence)["metrics"]}
+    return out
+
+
+def ablation_table(out_dir: str, confidence: float = 0.95, reference: str = "ce") -> list[dict[str, Any]]:
     """Collect the runs, write ``ablation_runs.csv``, ``ablation.csv``, ``ablation.md``, ``ablation.json``; return rows."""
     results, missing = collect_ablation(out_dir)
     rows = group_results(results, confidence)
@@ -394,6 +420,14 @@ def ablation_table(out_dir: str, confidence: float = 0.95) -> list[dict[str, Any
     for row in rows:
         lines.append(f"| {row['group']} | {row['n_seeds']} | "
                      + " | ".join(format_ci(row["metrics"].get(c)) for c in cols) + " |")
+    paired = paired_differences(results, reference, confidence)
+    if paired:
+        lines += ["", f"Paired difference to `{reference}` (same seed; mean ± std [{int(confidence * 100)}% "
+                  "t-interval]); an interval excluding 0 is a difference at that level.", "",
+                  "| run | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+        for group, d in paired.items():
+            lines.append(f"| {group} − {reference} | {len(d['seeds'])} | "
+                         + " | ".join(format_ci(d["metrics"].get(c), signed=True) for c in cols) + " |")
     if missing:
         lines += ["", f"Incomplete runs ({len(missing)}): " + ", ".join(missing)]
     errors = sorted({e for row in rows for e in row["errors"]})
@@ -402,7 +436,8 @@ def ablation_table(out_dir: str, confidence: float = 0.95) -> list[dict[str, Any
     with open(os.path.join(out_dir, "ablation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "ablation.json"), "w") as f:
-        json.dump({"rows": rows, "runs": results, "missing": missing}, f, indent=2)
+        json.dump({"rows": rows, "paired_vs_reference": paired, "reference": reference, "runs": results,
+                   "missing": missing}, f, indent=2)
     return rows
 
 

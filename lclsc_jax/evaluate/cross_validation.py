@@ -293,10 +293,11 @@ def cross_validate(cfg: Config, workdir: str, folds: int | None = 5, lopo: bool 
          f"{summary['pooled']['accuracy']:.4f}, pooled AUROC {summary['pooled']['auroc']}", progress)
     return summary
 
-def format_ci(s: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """``mean ± std [ci_low, ci_high]`` (or just the mean with one seed; ``–`` when missing)."""
+def format_ci(s: Mapping[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
+    """``mean ± std [ci_low, ci_high]`` (just the mean with one value; ``–`` when missing); ``signed``: ``+0.1``."""
     if not s or s.get("mean") is None:
         return "–"
+    f = f"{'+' if signed else ''}.{digits}f"
     if s.get("std") is None:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
+        return format(s["mean"], f)
+    return f"{format(s['mean'], f)} ± {s['std']:.{digits}f} [{format(s['ci_low'], f)}, {format(s['ci_high'], f)}]"

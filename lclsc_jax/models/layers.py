@@ -7,6 +7,7 @@ Every convolution uses explicit symmetric padding (as ``torch.nn.Conv2d(padding=
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +21,49 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 BN_MOMENTUM = 0.9  # Flax convention: running = m * running + (1 - m) * batch (= torch momentum 0.1)
 BN_EPSILON = 1e-5
+
+
+def _is_channels_last(dn: Any, ndim: int) -> bool:
+    """Whether conv dimension numbers are Flax's default ``N...C`` / ``...IO`` / ``N...C``."""
+    spatial = tuple(range(1, ndim - 1))
+    want = jax.lax.ConvDimensionNumbers((0, ndim - 1) + spatial, (ndim - 1, ndim - 2) + tuple(range(ndim - 2)),
+                                        (0, ndim - 1) + spatial)
+    return dn == want
+
+
+def patch_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any, lhs_dilation: Any = None,
+               rhs_dilation: Any = None, dimension_numbers: Any = None, feature_group_count: int = 1,
+               precision: Any = None, **kwargs: Any) -> jax.Array:
+    """``lax.conv_general_dilated``, but as patches @ kernel when the kernel overhangs the input.
+
+    XLA:CPU's convolution is 50-110x slower than PyTorch's when the map is smaller than the
+    kernel in every spatial dim (ResNet stage4 on 64 px inputs: 2x2 maps, 512 channels; see
+    ``experiments/bench/cpu_conv_probe.py``). For those maps the padded input is cut into the
+    ``prod(kernel)`` shifted windows, concatenated on channels, and multiplied by the reshaped
+    kernel: one matmul whose gradients are matmuls too. Same values up to float rounding; other
+    shapes, dilations and groups go to ``lax.conv_general_dilated`` unchanged. ``lhs (B, *S, Cin)``,
+    ``rhs (*K, Cin, Cout)``.
+    """
+    nsp = lhs.ndim - 2
+    kernel = rhs.shape[:nsp]
+    simple = (feature_group_count == 1 and not kwargs.get("batch_group_count", 1) > 1
+              and all(d in (None, 1) for d in (lhs_dilation or (1,) * nsp))
+              and all(d in (None, 1) for d in (rhs_dilation or (1,) * nsp))
+              and not isinstance(padding, str)
+              and dimension_numbers is not None and _is_channels_last(dimension_numbers, lhs.ndim))
+    if not simple or not all(s < k for s, k in zip(lhs.shape[1:-1], kernel)):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    x = jnp.pad(lhs, ((0, 0), *[tuple(p) for p in padding], (0, 0)))
+    out = [(x.shape[1 + i] - kernel[i]) // window_strides[i] + 1 for i in range(nsp)]
+    windows = []
+    for offset in itertools.product(*[range(k) for k in kernel]):  # row-major, as rhs.reshape below
+        start = (0, *offset, 0)
+        limit = (x.shape[0], *[o + (n - 1) * st + 1 for o, n, st in zip(offset, out, window_strides)], x.shape[-1])
+        windows.append(jax.lax.slice(x, start, limit, (1, *window_strides, 1)))
+    patches = jnp.concatenate(windows, axis=-1)  # (B, *out, prod(K) * Cin)
+    return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
 
 
 def conv(
@@ -41,6 +85,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=conv_kernel_init,
+        conv_general_dilated=patch_conv,
         name=name,
     )
 
