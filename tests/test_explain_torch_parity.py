@@ -101,6 +101,7 @@ def _compare(pair, method, stage, size, batch, gei=False):
     ours = np.asarray(explain.saliency(method, model, variables, jnp.asarray(x.transpose(0, 2, 3, 1)),
                                        jnp.asarray(tg), stage, **kw))
     corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ref, ours)]
+    print(f"parity {method} {stage}{' gei' if gei else ''}: min correlation {min(corr):.6f}")  # pytest -s shows it
     assert min(corr) > 0.99, (method, stage, corr)
     return corr
 
