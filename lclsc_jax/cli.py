@@ -287,7 +287,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
-    """Saliency figures for one test image per class: the SC maps and a method grid."""
+    """Saliency figures for one test image per class: SC maps, Grad-CAM, and a grid of every method."""
     import numpy as np
 
     from lclsc_jax import explain
@@ -302,7 +302,7 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
                                               os.path.join(fig_dir, method), method, "last",
                                               global_emb=run.global_emb, class_names=run.class_names,
                                               tau=run.cfg.loss.tau)
-    written += explain.write_explanations(run.model, run.variables, images[:1], names[:1],
+    written += explain.write_explanations(run.model, run.variables, images, names,
                                           os.path.join(fig_dir, "all_methods"), "all", "last",
                                           global_emb=run.global_emb, class_names=run.class_names,
                                           tau=run.cfg.loss.tau)

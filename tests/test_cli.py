@@ -146,3 +146,26 @@ def test_config_list_shows_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("model.arch", "data.image_size", "train.steps", "train.batch_size", "train.lr", "loss.name", "seed"):
         assert f"{key} =" in out
+
+
+@pytest.mark.slow
+def test_demo_trains_evaluates_and_writes_every_figure(tmp_path, cache):
+    work = tmp_path / "demo"
+    r = _lclsc("demo", "--workdir", str(work), "--set", "train.steps=30", "train.eval_every=30",
+               "train.checkpoint_every=30", "data.image_size=32", "data.synthetic_patients=9",
+               "data.synthetic_images_per_patient=8", "train.batch_size=16", f"data.cache_dir={cache}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((work / "demo_summary.json").read_text())
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    assert summary["accuracy"] == metrics["accuracy"] and 0 <= summary["accuracy"] <= 1
+    figs = work / "figures"
+    assert (figs / "synthetic_examples.png").stat().st_size > 1000
+    assert len(list((figs / "all_methods").glob("*_all.png"))) == 3  # one grid per class
+    from lclsc_jax import explain
+
+    for m in explain.METHODS:  # every method produced a map in [0, 1] of the image's size for each frame
+        maps = [np.load(p) for p in (figs / "all_methods").glob(f"*_{m}.npy")]
+        assert len(maps) == 3, m
+        assert all(a.shape == (32, 32) and 0 <= a.min() and a.max() <= 1 + 1e-6 for a in maps), m
+    for method in ("sc", "gradcam"):
+        assert len(list((figs / method).glob("*.png"))) == 3  # one frame per class
