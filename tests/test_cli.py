@@ -116,7 +116,7 @@ def test_train_evaluate_predict_beats_chance(tmp_path, cache):
     import csv
 
     rows = list(csv.DictReader(open(os.path.join(work, "cam_benchmark", "cam_benchmark.csv"))))
-    assert [(r_["method"], r_["stage"]) for r_ in rows] == [("gradcam", "last"), ("sc", "last")]
+    assert [(r_["method"], r_["stage"]) for r_ in rows] == [("gradcam", "stage4"), ("sc", "stage4")]  # "last" resolved
     assert all(0 <= float(r_["dice@otsu"]) <= 1 for r_ in rows)
 
 
