@@ -140,7 +140,7 @@ def _score_fn(run: Any) -> Any:
     model, variables = run.model, run.variables
 
     def score_fn(images: jax.Array) -> jax.Array:
-        return jax.nn.softmax(scorer.outputs(core.forward(model, variables, images), (images.shape[0],)), axis=-1)
+        return core.probabilities(model, variables, images, scorer)
 
     return score_fn
 

@@ -79,24 +79,12 @@ def fold_name(k: int) -> str:
     return f"fold_{k:02d}"
 
 
-def _eval_batch_size(cfg: Config, mesh: Any) -> int:
-    """The config's eval batch rounded to a multiple of the data-parallel devices x processes."""
-    import jax
-
-    from lclsc_jax.train import sharding as shd
-
-    n = shd.data_parallel_size(mesh) * jax.process_count()
-    return max(n, (cfg.train.eval_batch_size // n) * n)
-
-
 def _predict_fold(fold_dir: str, ds: Any, test_idx: np.ndarray, which: str) -> tuple[dict[str, np.ndarray], int]:
     """Predictions ``{probs (N, C), label, index, patient (N,)}`` of a fold's run on its test records."""
-    from lclsc_jax import data
-    from lclsc_jax.train import inference, loop
+    from lclsc_jax.train import inference
 
     run = inference.load_run(fold_dir, which)
-    batches = data.eval_batches(ds, test_idx, _eval_batch_size(run.cfg, run.mesh))
-    res = loop.predict_batches(run.cfg, run.model, run.state, run.mesh, batches)
+    res = inference.predict_records(run, ds, test_idx)
     return {k: res[k] for k in ("probs", "label", "index", "patient")}, run.step
 
 

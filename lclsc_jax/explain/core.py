@@ -133,6 +133,11 @@ def forward(model: Any, variables: Any, x: jax.Array) -> dict[str, Any]:
     return model.apply(variables, x, train=False)
 
 
+def probabilities(model: Any, variables: Any, x: jax.Array, scorer: "Scorer") -> jax.Array:
+    """Softmax of the scorer's outputs ``(B, K)`` for ``x (B, *spatial, C)`` (what a run predicts)."""
+    return jax.nn.softmax(scorer.outputs(forward(model, variables, x), (x.shape[0],)), axis=-1)
+
+
 def run_from(model: Any, variables: Any, feats: jax.Array, stage: str) -> dict[str, Any]:
     """Resume the network after ``stage`` from its output ``feats``; ``"input"`` = full forward."""
     if stage == INPUT:

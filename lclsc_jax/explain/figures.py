@@ -47,8 +47,7 @@ def _stem(name: str) -> str:
 def _predict(model, variables, x, global_emb, tau, score) -> np.ndarray:
     """Class probabilities ``(N, K)`` of the scorer's outputs (softmax)."""
     scorer = core.make_scorer(model, x.shape[0], score=score, global_emb=global_emb, tau=tau)
-    out = core.forward(model, variables, jnp.asarray(x))
-    return np.asarray(jax.nn.softmax(scorer.outputs(out, (x.shape[0],)), axis=-1))
+    return np.asarray(core.probabilities(model, variables, jnp.asarray(x), scorer))
 
 
 def write_explanations(

@@ -71,7 +71,7 @@ def evaluate_run(workdir: str, source: str | None = None, split: str = "test", w
 
     ``split`` is ``train``/``val``/``test`` of the run's patient-wise split, or ``all``.
     """
-    from lclsc_jax import data, evaluate
+    from lclsc_jax import evaluate
 
     run = load_run(workdir, which)
     ds = loop.load_dataset(run.cfg, source)
@@ -84,9 +84,7 @@ def evaluate_run(workdir: str, source: str | None = None, split: str = "test", w
         if split not in splits:
             raise ValueError(f"unknown split {split!r}; choose from {sorted(splits)} or 'all'")
         indices = splits[split]
-    batch = _eval_batch_size(run.cfg, run.mesh)
-    res = loop.predict_batches(run.cfg, run.model, run.state, run.mesh,
-                               data.eval_batches(ds, indices, batch))
+    res = predict_records(run, ds, indices)
     metrics = evaluate.classification_metrics(res["label"], res["probs"], class_names=run.class_names,
                                               patients=res["patient"])
     metrics.update(split=split, checkpoint_step=run.step, source=source or run.cfg.data.source,
@@ -116,8 +114,17 @@ def run_splits(workdir: str, cfg: Config, ds: Any) -> dict[str, np.ndarray]:
 
 
 def _eval_batch_size(cfg: Config, mesh: jax.sharding.Mesh) -> int:
+    """The config's eval batch rounded to a multiple of the data-parallel devices x processes."""
     n = shd.data_parallel_size(mesh) * jax.process_count()
     return max(n, (cfg.train.eval_batch_size // n) * n)
+
+
+def predict_records(run: TrainedRun, ds: Any, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Predictions of ``run`` on records ``indices`` of ``ds``: ``probs (N, C)``, ``label``, ``index``, ``patient``."""
+    from lclsc_jax import data
+
+    batches = data.eval_batches(ds, indices, _eval_batch_size(run.cfg, run.mesh))
+    return loop.predict_batches(run.cfg, run.model, run.state, run.mesh, batches)
 
 
 def predict_files(workdir: str, paths: Sequence[str], which: str = "best") -> list[dict[str, Any]]:
