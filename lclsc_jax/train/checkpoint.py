@@ -6,6 +6,7 @@ best by a validation metric. Saves are asynchronous; :meth:`Checkpointer.close` 
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -13,6 +14,16 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+
+
+class _DropNoMetricsWarning(logging.Filter):
+    """Checkpoints between validations carry no metrics by design; Orbax warns about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
 
 
 class Checkpointer:
@@ -25,8 +36,11 @@ class Checkpointer:
             policies.append(ocm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
                                       n=1, keep_checkpoints_without_metrics=False))
         self.best_metric = best_metric
+        # best_fn makes Orbax store the metrics with each checkpoint and rank them in best_step();
+        # without it best_step() silently returned the latest step.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocm.AnyPreservationPolicy(policies),
+            best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
             enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                              item_names=("state", "data_iter"))
