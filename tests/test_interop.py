@@ -188,6 +188,31 @@ def test_optional_heads_are_omitted_when_absent():
     v = interop.load_torch_weights(sd, "resnet18")
     assert "fc" not in v["params"] and "head" not in v["params"]
     assert "layer4_1" in v["params"]
+    # The documented model is exactly the one these variables fill (no projection head, no fc).
+    cfg = interop.model_config_from_state_dict(sd, "resnet18")
+    assert cfg["projection"] is False and cfg["head"] == "gei"
+    models.check_variables(models.create("resnet18", **cfg), v)
+
+
+def test_fc_only_file_gives_a_plain_classifier():
+    """torchvision/timm layout (fc, no head.*): the documented recipe builds a model that runs."""
+    sd = {k: v for k, v in random_state_dict("resnet18", num_classes=6).items() if not k.startswith("head.")}
+    cfg = interop.model_config_from_state_dict(sd, "resnet18")
+    assert cfg == {"in_channels": 3, "head": "linear", "num_classes": 6, "projection": False}
+    model = models.create("resnet18", **cfg)
+    v = interop.load_torch_weights(sd, "resnet18")
+    models.check_variables(model, v)
+    out = jax.eval_shape(lambda vv: model.apply(vv, jnp.zeros((1, 40, 40, 3)), train=False), v)
+    assert out["logits"].shape == (1, 6) and out["embedding"].shape == (1, 512)
+    with pytest.raises(models.VariablesMismatchError, match="params/head/hidden/kernel"):
+        models.check_variables(models.create("resnet18", 6, head="linear"), v)  # the old, head-ful model
+
+
+def test_incomplete_projection_head_is_reported_by_name():
+    sd = random_state_dict("resnet18")
+    del sd["head.2.weight"]
+    with pytest.raises(interop.WeightsMismatchError, match="head.2.weight"):
+        interop.load_torch_weights(sd, "resnet18")
 
 
 # ------------------------------------------------------------------ errors

@@ -104,6 +104,58 @@ def test_param_counts_match_torchvision(arch, expected):
     assert models.num_params(variables) - head == expected
 
 
+@pytest.mark.parametrize("arch,expected", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_plain_classifier_has_no_projection_head(arch, expected):
+    """projection=False: torchvision's exact parameter tree; embedding = pooled, local = last map."""
+    model = models.create(arch, num_classes=1000, head="linear", projection=False)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda im: model.init(jax.random.key(0), im, train=False), x)
+    assert "head" not in variables["params"] and "fc" in variables["params"]
+    assert models.num_params(variables) == expected
+    out = jax.eval_shape(lambda v, im: model.apply(v, im, train=False), variables, x)
+    c = STAGE_CH[arch][-1]
+    assert out["embedding"].shape == (2, c) and out["local_embedding"].shape == (2, 2, 2, c)
+    assert out["embedding"].dtype == jnp.float32 and out["logits"].shape == (2, 1000)
+    assert model.embedding_dim == c
+
+
+def test_plain_model_embedding_is_pooled_features():
+    model = models.create("tiny", num_classes=3, head="linear", projection=False, in_channels=1)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+    variables, out = init_and_apply(model, x)
+    last = np.asarray(out["features"]["stage4"], np.float64)
+    np.testing.assert_allclose(np.asarray(out["embedding"]), last.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["local_embedding"]), last.astype(np.float32))
+    k, b = (np.asarray(variables["params"]["fc"][n], np.float64) for n in ("kernel", "bias"))
+    np.testing.assert_allclose(np.asarray(out["logits"]), last.mean(axis=(1, 2)) @ k + b, rtol=1e-4, atol=1e-5)
+    again = model.apply(variables, out["features"]["stage3"], stage="stage3", train=False, method=model.from_stage)
+    np.testing.assert_allclose(np.asarray(again["logits"]), np.asarray(out["logits"]), rtol=1e-5, atol=1e-6)
+
+
+def test_check_variables_names_every_mismatch():
+    with_head = models.create("tiny", num_classes=3, head="linear")
+    plain = models.create("tiny", num_classes=3, head="linear", projection=False)
+    x = jnp.zeros((1, 16, 16, 3))
+    v = jax.eval_shape(lambda: plain.init(jax.random.key(0), x, train=False))
+    models.check_variables(plain, v)  # abstract leaves are fine
+    with pytest.raises(models.VariablesMismatchError) as e:
+        models.check_variables(with_head, v)
+    assert set(e.value.missing) == {f"params/head/{m}/{p}" for m in ("hidden", "proj") for p in ("kernel", "bias")}
+    assert "projection=False" in str(e.value) and not e.value.unexpected
+    v2 = jax.eval_shape(lambda: with_head.init(jax.random.key(0), x, train=False))
+    with pytest.raises(models.VariablesMismatchError, match="unexpected 4: params/head/hidden/bias") as e:
+        models.check_variables(plain, v2)
+    assert "projection=True" in str(e.value)
+    bad = {"params": {**v["params"], "fc": {"kernel": jnp.zeros((128, 4)), "bias": jnp.zeros(3)}},
+           "batch_stats": {k: s for k, s in v["batch_stats"].items() if k != "stem_bn"}}
+    with pytest.raises(models.VariablesMismatchError) as e:
+        models.check_variables(plain, bad)
+    assert e.value.missing == ("batch_stats/stem_bn/mean", "batch_stats/stem_bn/var")
+    assert e.value.mismatched == (("params/fc/kernel", (128, 4), (128, 3)),)
+    with pytest.raises(models.VariablesMismatchError, match="model.init's structure"):
+        models.check_variables(plain, v["params"])  # params without the collection level
+
+
 @pytest.fixture(scope="module", params=["tiny", "resnet18"])
 def built(request):
     arch = request.param

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lclsc_jax import models
 from lclsc_jax.explain import cam, core, fullgrad as fullgrad_mod, gradients, perturbation
 
 METHODS: tuple[str, ...] = (
@@ -155,8 +156,17 @@ def saliency(
     ``global_emb (C, D)``), ``"embedding"`` (``cos(z, target_embedding)``, ``(D,)`` or ``(B, D)``),
     ``"auto"`` (embedding if given, else the model's head). ``normalize=False`` returns the raw,
     signed, differentiable maps. Method options: see ``docs/explain.md``.
+
+    For a :class:`lclsc_jax.models.Model` the variables are checked first
+    (``models.check_variables``: one error naming missing / unexpected / mis-shaped leaves). A
+    plain classifier (``projection=False``) runs every method but ``sc``, whose maps need the
+    projection head; its embedding is the pooled features ``(B, c)``.
     """
     _check_method(method)
+    if method == "sc":
+        cam.require_projection(model)
+    if isinstance(model, models.Model):
+        models.check_variables(model, variables)
     x = jnp.asarray(images)
     if x.ndim < 3:
         raise ValueError(f"images must have shape (B, H, W, C), got {tuple(x.shape)}")

@@ -203,10 +203,23 @@ def crm(
     return (err - err0[:, None]).reshape((batch,) + spatial)
 
 
+def require_projection(model: Any) -> None:
+    """Raise ``ValueError`` if ``model`` has no projection head (``projection=False``), which the
+    SC maps ``cos(g(F_hw), G_c)`` need."""
+    if getattr(model, "projection", True) is False:
+        raise ValueError(
+            "method 'sc' needs a model with a projection head g and global class embeddings G "
+            "(its maps are cos(g(F_hw), G_c)): this model is a plain classifier (projection=False), "
+            "e.g. imported torchvision/timm weights. Use a CAM method instead (gradcam, scorecam, "
+            "ablationcam, crm, ...)"
+        )
+
+
 def sc_map(
     model: Any, variables: Any, scorer: core.Scorer, x: jax.Array, targets: jax.Array | None
 ) -> jax.Array:
     """LCL-SC saliency map of the target class: ``cos(g(F_l), G_c)`` per location, ``(B, h, w)``."""
+    require_projection(model)
     if scorer.global_emb is None:
         raise ValueError("the SC maps need the global class embeddings: pass global_emb=(C, D)")
     out = core.forward(model, variables, x)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lclsc_jax import models
 from lclsc_jax.explain import core
 from lclsc_jax.explain.api import METHODS, saliency
 
@@ -64,20 +65,34 @@ def write_explanations(
     targets: Sequence[int] | None = None,
     batch_size: int = 8,
     score: str = "auto",
+    display: np.ndarray | None = None,
     **options: Any,
 ) -> list[str]:
     """Write per image ``<stem>_<method>.npy`` (the (H, W) map) and ``<stem>_<method>.png`` overlay.
 
     ``images (N, H, W, C)``: uint8 pixels (normalised with ``lclsc_jax.data.normalize_images``) or
-    float model inputs. ``method="all"`` computes every method (those that cannot run on this
-    model, e.g. ``sc`` without ``global_emb``, are skipped) and writes ``<stem>_all.png``, a grid.
-    The overlay title names the predicted class and its probability. Returns the written paths.
+    float model inputs. ``display (N, H, W, C')`` in [0, 1] is what the overlays show (default:
+    the pixels, or float inputs de-normalised as ``lclsc_jax.data``; pass it for inputs normalised
+    otherwise, e.g. ``interop.imagenet_normalize``). ``method="all"`` computes every method (those
+    that cannot run on this model, e.g. ``sc`` without ``global_emb`` or on a plain classifier,
+    are skipped) and writes ``<stem>_all.png``, a grid. The overlay title names the predicted
+    class and its probability. Variables of a ``models.Model`` are checked first
+    (``models.check_variables``). Returns the written paths.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
     if method != "all" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected 'all' or one of {METHODS}")
-    display, x = _display_and_inputs(images)
+    if isinstance(model, models.Model):
+        models.check_variables(model, variables)
+    default_display, x = _display_and_inputs(images)
+    if display is None:
+        display = default_display
+    else:
+        display = np.asarray(display, np.float32)
+        if display.ndim != 4 or display.shape[:3] != x.shape[:3]:
+            raise ValueError(f"display must have shape ({x.shape[0]}, {x.shape[1]}, {x.shape[2]}, C), "
+                             f"got {display.shape}")
     names = [str(n) for n in image_names]
     if len(names) != len(x):
         raise ValueError(f"got {len(x)} images but {len(names)} names")

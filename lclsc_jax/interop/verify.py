@@ -11,14 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lclsc_jax import models
 from lclsc_jax.interop.torch_reference import RESNET_LAYERS, require_torch, torch_resnet
-from lclsc_jax.interop.weights import (
-    abstract_variables,
-    model_config_from_state_dict,
-    read_state_dict,
-    state_dict_to_variables,
-)
+from lclsc_jax.interop.weights import load_torch_model, model_config_from_state_dict, read_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +66,11 @@ def tensor_diff(name: str, got: np.ndarray, ref: np.ndarray, tol: float) -> Tens
 
 
 def compare_outputs(jax_out: Mapping[str, Any], torch_out: Mapping[str, Any], arch: str, tol: float) -> VerifyReport:
-    """Diff every stage (torch NCHW -> NHWC), pooled, logits and embedding present in both."""
+    """Diff every stage (torch NCHW -> NHWC), pooled, logits and embedding present in both.
+
+    The reference has ``embedding`` only with a projection head, so a plain classifier's
+    (``embedding`` = ``pooled``) is not compared twice.
+    """
     diffs = []
     for stage, ref in torch_out["features"].items():
         ref = np.transpose(np.asarray(ref), (0, 2, 3, 1))
@@ -95,7 +93,8 @@ def verify(
     """Run one random (B, H, W, C) batch through both frameworks in eval mode and diff the outputs.
 
     ``in_channels`` defaults to the weights' (``conv1.weight.shape[1]``); a different value is an
-    error. Matmuls/convs run at full float32 precision on both sides.
+    error. Both sides are the model the file fills (``load_torch_model``): with ``fc`` only, a
+    plain classifier (no projection head is added). Matmuls/convs run at full float32 precision.
     """
     if arch not in RESNET_LAYERS:
         raise ValueError(f"verify supports {tuple(RESNET_LAYERS)} (PyTorch reference), got {arch!r}")
@@ -106,12 +105,8 @@ def verify(
         raise ValueError(
             f"in_channels={in_channels} but the weights' conv1 takes {cfg['in_channels']} channels"
         )
-    model = models.create(arch, **cfg)
-    variables, _ = state_dict_to_variables(sd, abstract_variables(model), strict=True)
-    has_head = "embed_dim" in cfg
-    if not has_head:  # the JAX model always has a projection head; it is not compared
-        init = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, cfg["in_channels"])), train=False)
-        variables["params"]["head"] = init["params"]["head"]
+    # The model the file fills: without head.* a plain classifier (projection=False), nothing added.
+    model, variables = load_torch_model(sd, arch)
 
     x = np.random.default_rng(seed).standard_normal(
         (batch_size, image_size, image_size, cfg["in_channels"])
@@ -124,7 +119,7 @@ def verify(
         arch,
         num_classes=cfg["num_classes"] if cfg["head"] == "linear" else None,
         in_channels=cfg["in_channels"],
-        embed_dim=cfg.get("embed_dim"),
+        embed_dim=cfg.get("embed_dim") if cfg["projection"] else None,
         head_hidden=cfg.get("head_hidden"),
     )
     net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)

@@ -8,6 +8,7 @@ Naming (Flax path -> torch key):
   params/layer2_0/downsample_bn/...           <-> layer2.0.downsample.1.*
   params/fc/kernel (c, K), bias               <-> fc.weight (K, c), fc.bias
   params/head/hidden/*, params/head/proj/*    <-> head.0.*, head.2.*  (Sequential(Linear, ReLU, Linear))
+A file without ``head.*`` (torchvision/timm: only ``fc``) gives a model with ``projection=False``.
 ``*.num_batches_tracked`` is accepted and ignored on import and exported as an int64 scalar 0.
 Reading ``.pt``/``.pth`` never executes pickled code (``torch.load(weights_only=True)``);
 ``.safetensors`` needs no torch.
@@ -240,7 +241,13 @@ def _first_conv_key(arch: str) -> str:
 
 
 def model_config_from_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, Any]:
-    """``models.create`` kwargs (num_classes, head, embed_dim, in_channels, head_hidden) implied by a state_dict."""
+    """``models.create`` kwargs implied by a state_dict: exactly the model its weights fill.
+
+    ``in_channels`` from the first conv; ``head="linear"`` and ``num_classes`` if ``fc.*`` is
+    present (else ``head="gei"``, ``num_classes=1``); ``projection=True`` with ``embed_dim`` /
+    ``head_hidden`` if ``head.*`` is present, else ``projection=False`` (a plain
+    torchvision/timm classifier, or a bare backbone: the pooled features are the embedding).
+    """
     models.arch_spec(arch)
     first = _first_conv_key(arch)
     if first not in state_dict:
@@ -252,6 +259,8 @@ def model_config_from_state_dict(state_dict: Mapping[str, Any], arch: str) -> di
     if "fc.weight" in state_dict:
         cfg["head"] = "linear"
         cfg["num_classes"] = int(np.shape(state_dict["fc.weight"])[0])
+    # Any head.* key means a projection head; an incomplete one is then reported key by key.
+    cfg["projection"] = any(str(k).startswith("head.") for k in state_dict)
     if "head.2.weight" in state_dict and "head.0.weight" in state_dict:
         cfg["embed_dim"] = int(np.shape(state_dict["head.2.weight"])[0])
         cfg["head_hidden"] = int(np.shape(state_dict["head.0.weight"])[0])
@@ -260,8 +269,7 @@ def model_config_from_state_dict(state_dict: Mapping[str, Any], arch: str) -> di
 
 def abstract_variables(model: models.Model) -> dict[str, Any]:
     """Shapes/dtypes of ``model``'s variables without computing them (jax.eval_shape)."""
-    x = jnp.zeros((1, 32, 32, model.in_channels), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    return models.abstract_variables(model)
 
 
 # ---------------------------------------------------------------- import
@@ -332,9 +340,9 @@ def load_torch_weights(
 ) -> dict[str, Any]:
     """Import a torchvision-named state_dict (file or dict) as Flax variables for ``arch``.
 
-    The matching model is ``models.create(arch, **model_config_from_state_dict(sd, arch))``;
-    ``fc``/``head`` are imported when the file has them. With ``strict=False`` problem keys
-    are skipped (and listed in a warning) instead of raising.
+    The matching model is ``models.create(arch, **model_config_from_state_dict(sd, arch))``
+    (or use :func:`load_torch_model`); ``fc``/``head`` are imported when the file has them. With
+    ``strict=False`` problem keys are skipped (and listed in a warning) instead of raising.
     """
     sd = read_state_dict(source)
     cfg = model_config_from_state_dict(sd, arch)
@@ -344,6 +352,27 @@ def load_torch_weights(
         warnings.warn(f"load_torch_weights({arch}, strict=False) skipped keys:\n{report.format()}", stacklevel=2)
     log.info("load_torch_weights(%s): %s", arch, report.format())
     return variables
+
+
+def load_torch_model(
+    source: PathLike | Mapping[str, Any], arch: str, **model_kwargs: Any
+) -> tuple[models.Model, dict[str, Any]]:
+    """``(model, variables)`` for a torchvision/timm-named state_dict, ready for ``model.apply``.
+
+    The model is ``models.create(arch, **model_config_from_state_dict(sd, arch), **model_kwargs)``
+    (``model_kwargs``: e.g. ``dtype``, ``remat``); a file with only ``fc`` gives a plain classifier
+    (``projection=False``: ``out["logits"] (B, K)``, ``out["embedding"] = out["pooled"] (B, c)``).
+    Loading is strict (:class:`WeightsMismatchError` names every bad torch key) and the result is
+    checked with ``models.check_variables`` (:class:`models.VariablesMismatchError` if a
+    ``model_kwargs`` override contradicts the file).
+    """
+    sd = read_state_dict(source)
+    cfg = {**model_config_from_state_dict(sd, arch), **model_kwargs}
+    model = models.create(arch, **cfg)
+    variables, _ = state_dict_to_variables(sd, abstract_variables(model), strict=True)
+    models.check_variables(model, variables)
+    log.info("load_torch_model(%s): %s", arch, cfg)
+    return model, variables
 
 
 def _split_backbone(variables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

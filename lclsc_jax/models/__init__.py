@@ -3,6 +3,7 @@
 >>> model = create("resnet18", num_classes=2, head="gei")
 >>> variables = model.init(rng, images, train=False)
 >>> out = model.apply(variables, images, train=False)   # features, pooled, embedding, ...
+>>> check_variables(model, variables)   # external variables: one error naming every mismatch
 """
 
 from lclsc_jax.models.model import (
@@ -17,6 +18,12 @@ from lclsc_jax.models.model import (
     stage_channels,
     stage_strides,
 )
+from lclsc_jax.models.variables import (
+    VariablesMismatchError,
+    abstract_variables,
+    check_variables,
+    variable_shapes,
+)
 
 __all__ = [
     "ARCHS",
@@ -24,9 +31,13 @@ __all__ = [
     "HEADS",
     "ArchSpec",
     "Model",
+    "VariablesMismatchError",
+    "abstract_variables",
     "arch_spec",
+    "check_variables",
     "create",
     "num_params",
     "stage_channels",
     "stage_strides",
+    "variable_shapes",
 ]

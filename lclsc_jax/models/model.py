@@ -3,6 +3,8 @@
 One Linen module for every architecture, so the variables are a flat, torchvision-shaped tree
 (``conv1``, ``bn1``, ``layer1_0``, ..., ``head``, ``fc``) and the network can be re-entered at
 any named stage (``Model.from_stage``) for Ablation-CAM / CRM style perturbations.
+``projection=False`` drops the projection head ``head`` (a plain torchvision/timm classifier:
+the pooled features are the embedding).
 """
 
 from __future__ import annotations
@@ -78,11 +80,13 @@ def stage_channels(arch: str) -> dict[str, int]:
 
 
 class Model(nn.Module):
-    """Backbone + projection head (+ linear ``fc`` if ``head_type == "linear"``).
+    """Backbone + projection head (if ``projection``) (+ linear ``fc`` if ``head_type == "linear"``).
 
     ``__call__(images (B, H, W, C), train)`` and ``from_stage(feats, stage, train)`` both return
     ``{"features": {stage: (B, h, w, c)}, "pooled": (B, c), "embedding": (B, D),
     "local_embedding": (B, h, w, D), "logits": (B, num_classes)}`` (logits only for a linear head).
+    With ``projection=False`` there is no ``head``: ``embedding`` is ``pooled`` and
+    ``local_embedding`` the last feature map, both float32 (``D = c``).
     """
 
     arch: str
@@ -94,6 +98,7 @@ class Model(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     zero_init_residual: bool = False
+    projection: bool = True  # False: no projection head, embedding = pooled features
 
     # ---- static properties (usable on an unbound module) ----
     @property
@@ -120,6 +125,11 @@ class Model(nn.Module):
     def stage_strides(self) -> dict[str, int]:
         """Downsampling factor of each stage w.r.t. the input."""
         return stage_strides(self.arch)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size ``D`` of ``embedding``: ``embed_dim``, or the last stage's channels without projection."""
+        return self.embed_dim if self.projection else self.spec.stage_channels[-1]
 
     # ---- submodules ----
     def setup(self) -> None:
@@ -151,8 +161,9 @@ class Model(nn.Module):
             for name, ch, s in zip(spec.stage_names, spec.stage_channels, _TINY_CONV_STRIDES):
                 setattr(self, f"{name}_conv", conv(ch, 3, s, dtype=self.dtype))
                 setattr(self, f"{name}_bn", batch_norm(dtype=self.dtype))
-        hidden = self.head_hidden or spec.stage_channels[-1]
-        self.head = ProjectionHead(hidden, self.embed_dim, dtype=self.dtype)
+        if self.projection:
+            hidden = self.head_hidden or spec.stage_channels[-1]
+            self.head = ProjectionHead(hidden, self.embed_dim, dtype=self.dtype)
         if self.head_type == "linear":
             self.fc = nn.Dense(
                 self.num_classes,
@@ -184,12 +195,13 @@ class Model(nn.Module):
             features[name] = x
         last = features[self.last_stage]
         pooled = global_avg_pool(last)
-        out = {
-            "features": features,
-            "pooled": pooled,
-            "embedding": self.head(pooled.astype(self.dtype)),
-            "local_embedding": self.head(last),
-        }
+        out = {"features": features, "pooled": pooled}
+        if self.projection:
+            out["embedding"] = self.head(pooled.astype(self.dtype))
+            out["local_embedding"] = self.head(last)
+        else:  # plain classifier: the pooled backbone features are the embedding
+            out["embedding"] = pooled
+            out["local_embedding"] = last.astype(jnp.float32)
         if self.head_type == "linear":
             out["logits"] = self.fc(pooled.astype(self.dtype)).astype(jnp.float32)
         return out
@@ -233,9 +245,15 @@ def create(
     embed_dim: int = 128,
     in_channels: int = 3,
     dtype: Dtype = jnp.float32,
+    projection: bool = True,
     **kwargs: Any,
 ) -> Model:
-    """Build a :class:`Model`; kwargs: ``head_hidden``, ``remat``, ``zero_init_residual``."""
+    """Build a :class:`Model`; kwargs: ``head_hidden``, ``remat``, ``zero_init_residual``.
+
+    ``projection=False`` builds a model without the projection head (variables have no
+    ``head``; ``embedding`` = ``pooled`` (B, c)): with ``head="linear"`` a plain
+    torchvision/timm-style classifier. ``embed_dim`` / ``head_hidden`` are then unused.
+    """
     arch_spec(arch)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -254,6 +272,7 @@ def create(
         embed_dim=embed_dim,
         in_channels=in_channels,
         dtype=dtype,
+        projection=bool(projection),
         **kwargs,
     )
 
