@@ -200,3 +200,52 @@ def test_one_real_run_in_a_child_process_then_resume_skips_it(tmp_path):
     P.run_ablation(grid, out, workers=1, seeds=[0], base_config="tiny", base_overrides=over, saliency_images=4,
                    progress=False)
     assert os.stat(res_path).st_mtime_ns == stamp
+
+
+def test_saliency_scores_and_table_carry_the_class_blind_floor(tmp_path, monkeypatch):
+    from lclsc_jax.evaluate import cam_benchmark
+
+    def fake_bench(workdir, methods, **kw):
+        rows = [{"method": m, "stage": "stage4", "error": None, "dice@otsu": 0.5, "dice@area": 0.6, "pr_auc": 0.7,
+                 "pointing_game": 0.8} for m in methods]
+        rows += [{"method": f"blind:{b}", "stage": "-", "error": None, "dice@otsu": d, "dice@area": d + 0.1,
+                  "pr_auc": d, "pointing_game": d} for b, d in (("local_std", 0.4), ("random", 0.1))]
+        return rows
+
+    import types
+
+    from lclsc_jax.train import config as C
+    from lclsc_jax.train import loop
+
+    monkeypatch.setattr(cam_benchmark, "benchmark_cams", fake_bench)
+    monkeypatch.setattr(loop, "load_dataset", lambda cfg, source=None: types.SimpleNamespace(has_masks=True))
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps(C.to_dict(C.load("tiny"))))
+    scores = P._saliency_scores(str(work), True, 4, False)
+    assert scores["blind:local_std.dice@otsu"] == 0.4 and scores["blind:random.dice@area"] == pytest.approx(0.2)
+    assert scores["gradcam.dice@area"] == 0.6 and scores["sc.pr_auc"] == 0.7
+
+    grid = {"variants": {"ce": {"loss.name": "ce"}, "lcl_sc": {"loss.name": "lcl_sc"}}}
+    runs = P.expand_grid(grid, seeds=[0, 1])
+    out = tmp_path / "abl"
+    P.write_plan(str(out), runs, "tiny")
+    plan = P.load_plan(str(out))
+    floor = {}
+    for spec in runs:
+        m = {"accuracy": 0.9, "gradcam.dice@otsu": 0.3 + 0.1 * spec["seed"],
+             "blind:local_std.dice@otsu": 0.41 + 0.02 * spec["seed"], "blind:random.dice@otsu": 0.12}
+        floor.setdefault(spec["group"], []).append(m["blind:local_std.dice@otsu"])
+        _fake_results(out, spec, plan, m)
+    P.ablation_table(str(out))
+    md = (out / "ablation.md").read_text()
+    floor_md = md.split("Class-blind floor")[1]
+    assert "| run | gradcam | blind:local_std | blind:random |" in floor_md
+    vals = np.array(floor["ce"])
+    half = stats.t.ppf(0.975, 1) * vals.std(ddof=1) / np.sqrt(2)
+    assert f"| ce | 0.350 ± 0.071 [" in floor_md
+    lo, hi = vals.mean() - half, vals.mean() + half
+    assert f"{vals.mean():.3f} ± {vals.std(ddof=1):.3f} [{lo:.3f}, {hi:.3f}]" in floor_md
+    with open(out / "ablation.csv") as f:
+        table = {r["group"]: r for r in csv.DictReader(f)}
+    assert float(table["lcl_sc"]["blind:local_std.dice@otsu_mean"]) == pytest.approx(vals.mean())

@@ -12,6 +12,7 @@ import pytest
 
 from lclsc_jax import data, explain, models
 from lclsc_jax.evaluate import cam_benchmark as cb
+from lclsc_jax.evaluate import shortcuts
 from lclsc_jax.train import config as C
 from lclsc_jax.train import inference, loop
 
@@ -42,6 +43,7 @@ def test_columns_name_every_threshold_and_otsu():
         assert all(f"{m}@{key}" in cols for m in ("dice", "iou", "precision", "recall", "bbox_iou"))
     assert cols[:2] == ["method", "stage"] and cols[-1] == "error"
     assert "deletion_auc" in cols and "deletion_auc" not in cb.benchmark_columns((0.5,))
+    assert "dice@area" in cols and "bbox_iou@area" in cols and "pr_auc" in cols
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +74,15 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
     rows = cb.benchmark_cams(tiny_run, methods=["gradcam", "hirescam"], stages=["stage3", "stage4"], max_images=6,
                              thresholds=(0.5,), out_dir=out, faithfulness=True, deletion_steps=4, figure_images=3,
                              progress=False)
+    blind = [(f"blind:{b}", "-") for b in shortcuts.BLIND_MAPS]
     assert [(r["method"], r["stage"]) for r in rows] == [("gradcam", "stage3"), ("gradcam", "stage4"),
-                                                         ("hirescam", "stage3"), ("hirescam", "stage4")]
+                                                         ("hirescam", "stage3"), ("hirescam", "stage4"), *blind]
     bad = rows[2]
     assert bad["error"].startswith("RuntimeError: boom") and bad.get("dice@0.5") is None
-    for r in (rows[0], rows[1], rows[3]):
+    for r in (rows[0], rows[1], rows[3], *rows[4:]):
         assert r["error"] is None and r["n_images"] == 6
-        for k in ("dice@0.5", "dice@otsu", "iou@otsu", "bbox_iou@0.5", "pointing_game", "energy_pointing_game",
-                  "deletion_auc", "insertion_auc"):
+        for k in ("dice@0.5", "dice@otsu", "iou@otsu", "bbox_iou@0.5", "dice@area", "pr_auc", "pointing_game",
+                  "energy_pointing_game", "deletion_auc", "insertion_auc"):
             assert 0.0 <= r[k] <= 1.0, k
 
     # Independent recomputation of gradcam@stage4 Dice at 0.5 inside the field of view.
@@ -103,14 +106,42 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
     expect = np.mean([_dice_np((maps[i] >= 0.5) & fov, gt[i] & fov) for i in range(6) if keep[i]])
     assert rows[1]["dice@0.5"] == pytest.approx(expect, abs=1e-5)
 
+    # The class-blind local-std row: computed inside the measured field of view, scored inside the same
+    # FOV as the other rows; Dice at the mask's area recomputed with scipy's generic_filter (window std
+    # over the map's valid pixels), min-max scaling and a stable top-k.
+    from scipy import ndimage
+
+    u8 = np.stack([r["image"] for r in recs])
+    map_fov = shortcuts.estimate_fov(u8)["valid"]
+    assert not (map_fov & ~fov).any()
+    images = u8[..., 0] / 255.0
+    area = []
+    for i in range(6):
+        if not keep[i]:
+            continue
+        img = np.where(map_fov, images[i], np.nan)
+        std = ndimage.generic_filter(img, lambda w: np.nanstd(w) if np.isfinite(w).any() else 0.0, size=7,
+                                     mode="reflect")
+        std = np.where(map_fov, (std - std[map_fov].min()) / (std[map_fov].max() - std[map_fov].min()), 0.0)
+        g = gt[i] & fov
+        vals = np.where(fov, std, -np.inf).ravel()
+        top = np.argsort(-vals, kind="stable")[: int(g.sum())]
+        pred = np.zeros(vals.size, bool)
+        pred[top] = True
+        area.append(_dice_np(pred.reshape(g.shape), g))
+    local = next(r for r in rows if r["method"] == "blind:local_std")
+    assert local["dice@area"] == pytest.approx(np.mean(area), abs=1e-6)
+
     # Files: CSV/Markdown with every column, one line per row; a figure per stage.
     cols = cb.benchmark_columns((0.5,), faithfulness=True)
     with open(os.path.join(out, "cam_benchmark.csv")) as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == cols and len(table) == 4
+    assert list(table[0]) == cols and len(table) == 4 + len(blind)
     assert table[2]["error"].startswith("RuntimeError") and table[2]["dice@0.5"] == ""
+    assert [r["method"] for r in table[4:]] == [m for m, _ in blind]
     md = open(os.path.join(out, "cam_benchmark.md")).read().strip().splitlines()
-    assert len(md) == 2 + 4 and "dice@otsu" in md[0]
+    assert len(md) == 2 + 4 + len(blind) and "dice@otsu" in md[0] and "dice@area" in md[0]
+    assert json.load(open(os.path.join(out, "cam_benchmark.json")))["blind"] == list(shortcuts.BLIND_MAPS)
     for stage in ("stage3", "stage4"):
         assert os.path.getsize(os.path.join(out, f"grid_{stage}.png")) > 1000
 

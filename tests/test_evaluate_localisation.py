@@ -9,6 +9,8 @@ import pytest
 from sklearn import metrics as skm
 
 from lclsc_jax.evaluate.localisation import (
+    area_binarize,
+    average_precision,
     bbox_iou,
     binarize,
     dice,
@@ -20,6 +22,7 @@ from lclsc_jax.evaluate.localisation import (
     pixel_precision,
     pixel_recall,
     pointing_game,
+    topk_binarize,
 )
 
 
@@ -149,7 +152,7 @@ def test_localisation_metrics_excludes_empty_gt_and_matches_loop():
     assert out["pointing_game"] == pytest.approx(np.mean(hits))
     energy = [(maps[i] * masks[i]).sum() / maps[i].sum() for i in kept]
     assert out["energy_pointing_game"] == pytest.approx(np.mean(energy))
-    assert set(out["thresholds"]) == {"0.3", "0.6", "otsu"}
+    assert set(out["thresholds"]) == {"0.3", "0.6", "otsu", "area"}
     assert out["per_image"]["thresholds"]["otsu"]["dice"][2] is None
     json.dumps(out)
 
@@ -178,3 +181,85 @@ def test_bad_input():
         localisation_metrics(np.zeros((1, 3, 3)), np.ones((1, 3, 3)), thresholds=(1.5,))
     with pytest.raises(ValueError, match="NaN"):
         localisation_metrics(np.full((1, 3, 3), np.nan), np.ones((1, 3, 3)))
+
+
+# ------------------------------------------------------------- Dice at the mask's area, PR-AUC
+
+
+def _topk_brute_force(s: np.ndarray, k: int, valid: np.ndarray) -> np.ndarray:
+    """The k largest valid pixels, ties to the earlier pixel in raster order, by sorting Python tuples."""
+    cells = sorted((-s[r, c], r * s.shape[1] + c) for r in range(s.shape[0]) for c in range(s.shape[1]) if valid[r, c])
+    out = np.zeros(s.shape, bool)
+    for _, flat in cells[:k]:
+        out[flat // s.shape[1], flat % s.shape[1]] = True
+    return out
+
+
+def test_topk_and_area_binarize_match_brute_force_with_ties():
+    rng = np.random.default_rng(11)
+    for trial in range(6):
+        s = np.round(rng.random((9, 8)), 1)  # few distinct values: many ties
+        valid = rng.random((9, 8)) > 0.2
+        gt = rng.random((9, 8)) > 0.7
+        k = int((gt & valid).sum())
+        ref = _topk_brute_force(s, k, valid)
+        np.testing.assert_array_equal(topk_binarize(s, k, valid), ref)
+        np.testing.assert_array_equal(area_binarize(s, gt, valid), ref)
+        assert area_binarize(s, gt, valid).sum() == k
+    assert not topk_binarize(np.full((4, 4), 0.5), 3).any()  # a flat map ranks nothing
+    with pytest.raises(ValueError, match="k must"):
+        topk_binarize(np.zeros((2, 2)), 5)
+
+
+def test_dice_at_area_in_localisation_metrics_matches_brute_force():
+    rng = np.random.default_rng(12)
+    n, h, w = 6, 10, 11
+    maps = np.round(rng.random((n, h, w)), 2)
+    masks = np.zeros((n, h, w), bool)
+    for i in range(n):
+        r, c = rng.integers(0, 6, 2)
+        masks[i, r:r + 4, c:c + 5] = True
+    masks[3] = False  # excluded
+    valid = np.ones((h, w), bool)
+    valid[:2, :3] = False
+    out = localisation_metrics(maps, masks, valid=valid, return_per_image=True)
+    dices, ious, boxes = [], [], []
+    for i in range(n):
+        if i == 3:
+            continue
+        g = masks[i] & valid
+        p = _topk_brute_force(maps[i], int(g.sum()), valid)
+        dices.append(skm.f1_score(g.ravel(), p.ravel()))
+        ious.append(skm.jaccard_score(g.ravel(), p.ravel()))
+        boxes.append(bbox_iou(p, g))
+    area = out["thresholds"]["area"]
+    assert area["dice"] == pytest.approx(np.mean(dices))
+    assert area["iou"] == pytest.approx(np.mean(ious))
+    assert area["bbox_iou"] == pytest.approx(np.mean(boxes))
+    # |P| = |G|, so precision = recall = Dice at the mask's area.
+    assert area["precision"] == pytest.approx(area["dice"]) and area["recall"] == pytest.approx(area["dice"])
+    assert out["per_image"]["thresholds"]["area"]["dice"][3] is None
+    assert "area" not in localisation_metrics(maps, masks, area=False)["thresholds"]
+
+
+def test_pr_auc_matches_sklearn_average_precision():
+    rng = np.random.default_rng(13)
+    n, h, w = 5, 12, 12
+    maps = np.round(rng.random((n, h, w)) ** 2, 2)  # ties
+    masks = rng.random((n, h, w)) > 0.75
+    masks[2] = False
+    maps[4] = 0.3  # flat: average precision = the GT's share of the valid pixels
+    valid = np.ones((h, w), bool)
+    valid[5:, :4] = False
+    out = localisation_metrics(maps, masks, valid=valid, return_per_image=True)
+    expect = []
+    for i in (0, 1, 3, 4):
+        ap = skm.average_precision_score(masks[i][valid], maps[i][valid])
+        assert average_precision(maps[i], masks[i], valid) == pytest.approx(ap)
+        assert out["per_image"]["pr_auc"][i] == pytest.approx(ap)
+        expect.append(ap)
+    assert out["pr_auc"] == pytest.approx(np.mean(expect))
+    assert out["per_image"]["pr_auc"][4] == pytest.approx(masks[4][valid].mean())
+    assert out["per_image"]["pr_auc"][2] is None and average_precision(maps[2], masks[2]) is None
+    perfect = masks[0].astype(float)
+    assert average_precision(perfect, masks[0]) == pytest.approx(1.0)

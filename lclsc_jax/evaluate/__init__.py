@@ -2,7 +2,8 @@
 
 ``metrics`` and ``localisation`` are NumPy (host side); ``faithfulness`` runs the model
 under ``jax.jit`` in bounded batches; ``plots`` draws PNGs with matplotlib (Agg canvas, no pyplot).
-``cross_validation`` (patient-wise k-fold / LOPO), ``ablation`` (sweeps) and ``cam_benchmark`` (saliency methods x
+``shortcuts`` (NumPy/SciPy) measures what a class-blind reader gets from a frame: global image statistics
+and class-blind saliency baselines (``blind_map``). ``cross_validation`` (patient-wise k-fold / LOPO), ``ablation`` (sweeps) and ``cam_benchmark`` (saliency methods x
 stages vs GT masks) drive trained runs. Formulas and references: ``docs/evaluate.md``,
 ``docs/protocols.md``.
 """
@@ -20,6 +21,8 @@ from lclsc_jax.evaluate.faithfulness import (
     saliency_ranks,
 )
 from lclsc_jax.evaluate.localisation import (
+    area_binarize,
+    average_precision,
     bbox_iou,
     binarize,
     dice,
@@ -31,6 +34,7 @@ from lclsc_jax.evaluate.localisation import (
     pixel_precision,
     pixel_recall,
     pointing_game,
+    topk_binarize,
 )
 from lclsc_jax.evaluate.metrics import (
     ECE_BINS,
@@ -43,6 +47,7 @@ from lclsc_jax.evaluate.metrics import (
 )
 from lclsc_jax.evaluate.ablation import ABLATION_GRIDS, ablation_table, expand_grid, run_ablation, write_slurm_script
 from lclsc_jax.evaluate.cross_validation import cross_validate, cv_folds
+from lclsc_jax.evaluate.shortcuts import BLIND_MAPS, blind_map, global_statistics
 from lclsc_jax.evaluate.plots import (
     confidence_histogram,
     confusion_matrix_plot,
@@ -56,14 +61,18 @@ from lclsc_jax.evaluate.plots import (
 
 __all__ = [
     "ABLATION_GRIDS",
+    "BLIND_MAPS",
     "ECE_BINS",
     "ROAD_NEIGHBOUR_WEIGHTS",
     "ablation_table",
     "aggregate_folds",
+    "area_binarize",
+    "average_precision",
     "bbox_iou",
     "benchmark_cams",
     "binarize",
     "binary_auroc",
+    "blind_map",
     "calibration_bins",
     "classification_metrics",
     "confidence_change",
@@ -78,6 +87,7 @@ __all__ = [
     "energy_pointing_game",
     "expand_grid",
     "gaussian_blur",
+    "global_statistics",
     "insertion_curve",
     "iou",
     "localisation_metrics",
@@ -97,5 +107,6 @@ __all__ = [
     "roc_curves",
     "run_ablation",
     "saliency_ranks",
+    "topk_binarize",
     "write_slurm_script",
 ]

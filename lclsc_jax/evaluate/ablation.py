@@ -26,7 +26,8 @@ import numpy as np
 from lclsc_jax.evaluate.cross_validation import _log, _scalars, cross_validate, fold_name, format_ci
 from lclsc_jax.evaluate.metrics import aggregate_folds
 
-__all__ = ["ABLATION_GRIDS", "ABLATION_TABLE_METRICS", "SALIENCY_METRICS", "ablation_command", "ablation_table",
+__all__ = ["ABLATION_GRIDS", "ABLATION_TABLE_METRICS", "BLIND_TABLE_METRICS", "SALIENCY_METRICS", "ablation_command",
+           "ablation_table",
            "add_ablation_arguments", "collect_ablation", "expand_grid", "group_results", "load_plan", "paired_differences", "run_ablation",
            "run_dir", "run_index", "run_one", "run_overrides", "write_plan", "write_slurm_script"]
 
@@ -62,11 +63,14 @@ ABLATION_GRIDS: dict[str, Any] = {
     ],
 }
 
-SALIENCY_METRICS = ("dice@0.5", "dice@otsu", "iou@otsu", "pointing_game", "energy_pointing_game",
-                    "deletion_auc", "insertion_auc")
+SALIENCY_METRICS = ("dice@0.5", "dice@otsu", "iou@otsu", "dice@area", "pr_auc", "pointing_game",
+                    "energy_pointing_game", "deletion_auc", "insertion_auc")
 #: Columns of the Markdown ablation table (the CSV holds every metric).
 ABLATION_TABLE_METRICS = ("accuracy", "f1", "auroc", "gradcam.dice@otsu", "gradcam.pointing_game",
                           "gradcam.deletion_auc", "sc.dice@otsu", "sc.pointing_game", "sc.deletion_auc")
+#: Columns of the class-blind floor table: each saliency column of the main table, per blind map
+#: (``benchmark_cams`` adds the ``blind:<name>`` rows on the same test frames).
+BLIND_TABLE_METRICS = ("dice@otsu", "dice@area", "pointing_game")
 PLAN_FILE = "plan.json"
 RESULTS_FILE = "results.json"
 
@@ -174,7 +178,13 @@ def _is_complete(out_dir: str, spec: Mapping[str, Any], plan: Mapping[str, Any])
 def _saliency_scores(workdir: str, contrastive: bool, images: int, faithfulness: bool) -> dict[str, Any]:
     """Grad-CAM (all runs) and SC (contrastive runs) localisation/faithfulness on the run's test images."""
     from lclsc_jax.evaluate import cam_benchmark
+    from lclsc_jax.train import config as C
+    from lclsc_jax.train import loop
 
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = C.from_dict(json.load(f))
+    if not loop.load_dataset(cfg).has_masks:  # a user's folder, or a manifest without a mask column
+        return {"note": "saliency benchmark skipped: the data has no masks"}
     methods = ("gradcam", "sc") if contrastive else ("gradcam",)
     rows = cam_benchmark.benchmark_cams(workdir, methods=methods, stages=("last",), max_images=images,
                                         faithfulness=faithfulness, figure_images=0,
@@ -393,6 +403,26 @@ def paired_differences(results: Sequence[Mapping[str, Any]], reference: str = "c
     return out
 
 
+def _blind_floor_lines(rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str],
+                       confidence: float) -> list[str]:
+    """Markdown lines of the class-blind floor: per group, Grad-CAM/SC next to each ``blind:<name>`` map."""
+    blind = list(dict.fromkeys(k.split(".", 1)[0] for k in metric_names if k.startswith("blind:")))
+    if not blind:
+        return []
+    lines = ["", f"Class-blind floor: maps that never see the label (`blind:*`), scored on the same test frames "
+             f"with the same masks and field of view (mean ± std [{int(confidence * 100)}% t-interval] over seeds). "
+             "A saliency method localises the evidence only where it beats these."]
+    for metric in BLIND_TABLE_METRICS:
+        methods = [m for m in ("gradcam", "sc", *blind) if f"{m}.{metric}" in metric_names]
+        if not any(m.startswith("blind:") for m in methods):
+            continue
+        lines += ["", f"`{metric}`:", "", "| run | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for row in rows:
+            lines.append(f"| {row['group']} | "
+                         + " | ".join(format_ci(row["metrics"].get(f"{m}.{metric}")) for m in methods) + " |")
+    return lines
+
+
 def ablation_table(out_dir: str, confidence: float = 0.95, reference: str = "ce") -> list[dict[str, Any]]:
     """Collect the runs, write ``ablation_runs.csv``, ``ablation.csv``, ``ablation.md``, ``ablation.json``; return rows."""
     results, missing = collect_ablation(out_dir)
@@ -428,6 +458,7 @@ def ablation_table(out_dir: str, confidence: float = 0.95, reference: str = "ce"
         for group, d in paired.items():
             lines.append(f"| {group} − {reference} | {len(d['seeds'])} | "
                          + " | ".join(format_ci(d["metrics"].get(c), signed=True) for c in cols) + " |")
+    lines += _blind_floor_lines(rows, metric_names, confidence)
     if missing:
         lines += ["", f"Incomplete runs ({len(missing)}): " + ", ".join(missing)]
     errors = sorted({e for row in rows for e in row["errors"]})

@@ -9,6 +9,8 @@ its error in its row. Writes ``cam_benchmark.csv``, ``.md``, ``.json`` and ``gri
 
 Stage-free methods get one row each: ``sc`` at the model's last stage (its maps exist only
 there), input-level methods (``fullgrad``, ``occlusion``, gradients, ...) with stage ``input``.
+Class-blind baselines (``evaluate.shortcuts.BLIND_MAPS``) get a row each, method ``blind:<name>``
+and stage ``-``, scored on the same images, masks and field of view: the floor a method must beat.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ DEFAULT_METHODS: tuple[str, ...] = ("sc", "gradcam", "gradcam++", "hirescam", "x
                                     "scorecam", "ablationcam", "eigencam", "fullgrad")
 OVERLAPS = ("dice", "iou", "precision", "recall", "bbox_iou")
 INPUT_STAGE = "input"
+BLIND_STAGE = "-"
 
 
 def benchmark_columns(thresholds: Sequence[float] = (0.5,), faithfulness: bool = False) -> list[str]:
     """Column names of a benchmark row, in table order."""
-    keys = [_threshold_key(t) for t in thresholds] + ["otsu"]
+    keys = [_threshold_key(t) for t in thresholds] + ["otsu", "area"]
     cols = ["method", "stage", "n_images", "n_evaluated"]
     cols += [f"{m}@{k}" for k in keys for m in OVERLAPS]
-    cols += ["pointing_game", "energy_pointing_game"]
+    cols += ["pointing_game", "energy_pointing_game", "pr_auc"]
     if faithfulness:
         cols += ["deletion_auc", "insertion_auc"]
     return cols + ["seconds", "error"]
@@ -92,12 +95,13 @@ def select_images(indices: np.ndarray, max_images: int) -> np.ndarray:
 
 def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = (0.5,),
                      valid: np.ndarray | None = None) -> dict[str, Any]:
-    """Flat localisation scores of ``maps (N, H, W)`` in [0, 1] vs ``masks (N, H, W)``: ``dice@0.5``, ``pointing_game``, ..."""
+    """Flat localisation scores of ``maps (N, H, W)`` in [0, 1] vs ``masks (N, H, W)``: ``dice@0.5``, ``pr_auc``, ..."""
     from lclsc_jax.evaluate import localisation_metrics
 
-    m = localisation_metrics(maps, masks, thresholds=thresholds, otsu=True, valid=valid)
+    m = localisation_metrics(maps, masks, thresholds=thresholds, otsu=True, valid=valid, area=True)
     row: dict[str, Any] = {"n_images": m["n_images"], "n_evaluated": m["n_evaluated"],
-                           "pointing_game": m["pointing_game"], "energy_pointing_game": m["energy_pointing_game"]}
+                           "pointing_game": m["pointing_game"], "energy_pointing_game": m["energy_pointing_game"],
+                           "pr_auc": m["pr_auc"]}
     for key, vals in m["thresholds"].items():
         row.update({f"{name}@{key}": v for name, v in vals.items()})
     return row
@@ -241,16 +245,18 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
                    split: str = "test", max_images: int = 64, thresholds: Sequence[float] = (0.5,),
                    out_dir: str | None = None, *, which: str = "best", faithfulness: bool = False,
                    deletion_steps: int = 16, batch_size: int = 16, figure_images: int = 6, fov: bool = True,
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   blind: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Localisation (and faithfulness) of each method at each stage on a run's ``split``; returns the table rows.
 
     Targets are the true labels. ``methods`` default: ``DEFAULT_METHODS`` (``sc`` only works for
     contrastive runs; on a ``ce`` run its row holds the error). ``stages`` default: every stage of
     the model (``"last"`` allowed). ``fov`` restricts Otsu, pointing games and overlaps to the
-    circular field of view. Writes the table, ``cam_benchmark.json`` and the figure grids into
-    ``out_dir`` (default ``WORKDIR/cam_benchmark``).
+    circular field of view. ``blind``: class-blind baselines appended as rows ``blind:<name>``
+    (default: all of ``shortcuts.BLIND_MAPS``; ``()`` for none). Writes the table,
+    ``cam_benchmark.json`` and the figure grids into ``out_dir`` (default ``WORKDIR/cam_benchmark``).
     """
     from lclsc_jax.data import normalize_images
+    from lclsc_jax.evaluate import shortcuts
     from lclsc_jax.train import inference, loop
 
     run = inference.load_run(workdir, which)
@@ -297,6 +303,35 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
             loop._log(f"[benchmark-cams] {method:<20} {stage:<7} " + (
                 f"ERROR {row['error']}" if row["error"] else
                 f"dice@otsu={_fmt(row['dice@otsu'])} pointing={_fmt(row['pointing_game'])}"))
+    blind_names = shortcuts.BLIND_MAPS if blind is None else tuple(blind)
+    # Blind maps are computed inside the measured field of view (a dark rim inside the inscribed disc
+    # is not texture) and scored like every other row.
+    map_valid = valid
+    if fov and blind_names:
+        try:
+            est = shortcuts.estimate_fov(images)["valid"]
+            map_valid = valid if est is None else est
+        except ValueError:  # frames too small to have corners: keep the benchmark's FOV
+            pass
+    for name in blind_names:  # class-blind floor: same images, masks, field of view and scoring
+        t0 = time.time()
+        method = f"blind:{name}"
+        row = {"method": method, "stage": BLIND_STAGE, "n_images": int(len(idx)), "error": None}
+        try:
+            maps = shortcuts.blind_map(name, images, map_valid, seed=0).astype(np.float32)
+            row.update(localisation_row(maps, masks, thresholds, valid))
+            if faithfulness:
+                row.update(_faithfulness(score_fn, x, maps, targets, deletion_steps, min(batch_size, len(x)) * 4))
+            kept[(method, BLIND_STAGE)] = maps[picks]
+        except Exception as e:  # noqa: BLE001 - a failing baseline is a table entry, not a crash
+            row["error"] = _error_text(e)
+            kept[(method, BLIND_STAGE)] = None
+        row["seconds"] = round(time.time() - t0, 2)
+        rows.append(row)
+        if progress:
+            loop._log(f"[benchmark-cams] {method:<20} {BLIND_STAGE:<7} " + (
+                f"ERROR {row['error']}" if row["error"] else
+                f"dice@otsu={_fmt(row['dice@otsu'])} pointing={_fmt(row['pointing_game'])}"))
     out_dir = out_dir or os.path.join(workdir, "cam_benchmark")
     paths = write_table(rows, columns, out_dir)
     figures = []
@@ -307,9 +342,11 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
         for fs in fig_stages:
             cols = [(f"{m}" if s == fs else f"{m} ({s})", kept[(m, s)]) for m, s in plan
                     if s == fs or s == INPUT_STAGE or (m == "sc")]
+            cols += [(f"blind:{b}", kept[(f"blind:{b}", BLIND_STAGE)]) for b in blind_names]
             figures.append(_grid_figure(display, masks[picks], titles, cols, os.path.join(out_dir, f"grid_{fs}.png")))
     meta = {"workdir": workdir, "checkpoint_step": run.step, "split": split, "indices": idx.tolist(),
             "thresholds": [float(t) for t in thresholds], "fov": fov, "faithfulness": faithfulness,
+            "blind": list(blind_names),
             "columns": columns, "rows": rows, "figures": [os.path.basename(p) for p in figures], **paths}
     loop.write_json(os.path.join(out_dir, "cam_benchmark.json"), meta)
     return rows

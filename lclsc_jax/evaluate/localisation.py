@@ -6,10 +6,14 @@ pCLE's circular field of view) restricts every computation to valid pixels.
 
 Conventions (see ``docs/evaluate.md``): a fixed threshold ``t`` keeps ``map >= t``;
 Otsu keeps ``map > t_otsu`` (scikit-image's convention), with ``t_otsu`` computed by
-``threshold_otsu`` over the exact distinct values of ``map[valid]``; a flat
-map (max == min over the valid pixels) has no Otsu foreground and never scores a
-pointing-game hit. Zero denominators give 0 (no predicted pixels -> precision 0; no
-saliency mass -> energy 0), except dice/IoU of two empty masks, which are 1.
+``threshold_otsu`` over the exact distinct values of ``map[valid]``; "area" keeps the
+map's ``k`` most salient valid pixels with ``k`` the GT's pixel count (threshold-free
+Dice at the mask's area; ties to the earlier pixel in raster order); a flat
+map (max == min over the valid pixels) has no Otsu or area foreground and never scores a
+pointing-game hit. ``pr_auc`` is the average precision of the map's valid pixels ranked
+against the mask (``sklearn.metrics.average_precision_score``). Zero denominators give 0
+(no predicted pixels -> precision 0; no saliency mass -> energy 0), except dice/IoU of two
+empty masks, which are 1.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 
 __all__ = [
+    "area_binarize",
+    "average_precision",
     "bbox_iou",
     "binarize",
     "dice",
@@ -33,6 +39,7 @@ __all__ = [
     "pixel_precision",
     "pixel_recall",
     "pointing_game",
+    "topk_binarize",
 ]
 
 _RANGE_ATOL = 1e-4
@@ -111,6 +118,58 @@ def otsu_binarize(saliency: Any, valid: Any = None) -> np.ndarray:
     # fall below a value of the lower class and leak it into the foreground).
     levels, counts = np.unique(vals, return_counts=True)
     return (s > threshold_otsu(hist=(counts, levels))) & v
+
+
+def topk_binarize(saliency: Any, k: int, valid: Any = None) -> np.ndarray:
+    """Boolean mask of the ``k`` largest valid pixels of ``saliency (H, W)``; ties to the earlier pixel in raster order.
+
+    Empty when ``k == 0`` or the map is flat over the valid pixels (it ranks nothing).
+    """
+    s = _check_map(saliency)
+    if s.ndim != 2:
+        raise ValueError(f"topk_binarize takes one map (H, W), got {s.shape}")
+    v = _as_valid(valid, s.shape)
+    flat_idx = np.flatnonzero(v)
+    k = int(k)
+    if k < 0 or k > flat_idx.size:
+        raise ValueError(f"k must lie in [0, {flat_idx.size}] (the valid pixels), got {k}")
+    out = np.zeros(s.size, dtype=bool)
+    vals = s.ravel()[flat_idx]
+    if k == 0 or vals.max() == vals.min():
+        return out.reshape(s.shape)
+    order = np.argsort(-vals, kind="stable")  # descending; equal values keep raster order
+    out[flat_idx[order[:k]]] = True
+    return out.reshape(s.shape)
+
+
+def area_binarize(saliency: Any, gt: Any, valid: Any = None) -> np.ndarray:
+    """``topk_binarize`` of ``saliency (H, W)`` with ``k = |GT & valid|``: the map's prediction at the mask's area."""
+    s = np.asarray(saliency)
+    g = _check_mask(gt, s.shape, "gt") & _as_valid(valid, s.shape)
+    return topk_binarize(s, int(g.sum()), valid)
+
+
+def average_precision(saliency: Any, gt: Any, valid: Any = None) -> float | None:
+    """Average precision (PR-AUC) of the valid pixels of ``saliency (H, W)`` ranked against ``gt``; None if GT is empty.
+
+    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct map values as thresholds (the
+    step-wise area of ``sklearn.metrics.average_precision_score``); a flat map scores the GT's
+    share of the valid pixels (chance).
+    """
+    s = _check_map(saliency)
+    g = _check_mask(gt, s.shape, "gt")
+    v = _as_valid(valid, s.shape)
+    scores, truth = s[v], g[v]
+    n_pos = int(truth.sum())
+    if n_pos == 0:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    scores, truth = scores[order], truth[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each distinct value
+    tps = np.cumsum(truth)[last]
+    precision = tps / (last + 1)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 # ------------------------------------------------------------------ overlap measures
@@ -236,12 +295,15 @@ def localisation_metrics(
     valid: Any = None,
     tolerance: float = 0.0,
     return_per_image: bool = False,
+    area: bool = True,
 ) -> dict[str, Any]:
     """Mean localisation scores of ``maps (N, H, W)`` in [0, 1] against ``masks (N, H, W)``.
 
     Returns ``{"n_images", "n_empty_gt", "n_evaluated", "pointing_game",
-    "energy_pointing_game", "thresholds": {key: {dice, iou, precision, recall, bbox_iou}}}``
-    with one ``key`` per fixed threshold (``str(t)``) and ``"otsu"``. Images whose GT
+    "energy_pointing_game", "pr_auc", "thresholds": {key: {dice, iou, precision, recall, bbox_iou}}}``
+    with one ``key`` per fixed threshold (``str(t)``), ``"otsu"`` and (``area=True``)
+    ``"area"``: each map's top-k valid pixels with k the GT's area (``area_binarize``).
+    ``pr_auc`` is the mean per-image average precision (``average_precision``). Images whose GT
     mask is empty (within ``valid``) are excluded from every mean and counted in
     ``n_empty_gt``. With ``return_per_image`` a ``per_image`` entry holds the
     per-image values (None for excluded images).
@@ -257,19 +319,22 @@ def localisation_metrics(
     for t in ts:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"thresholds must lie in [0, 1], got {t}")
-    if not ts and not otsu:
-        raise ValueError("give at least one threshold or otsu=True")
+    if not ts and not otsu and not area:
+        raise ValueError("give at least one threshold, otsu=True or area=True")
 
     n = s.shape[0]
     keep = g.reshape(n, -1).any(axis=1)
     per_image: dict[str, Any] = {
         "pointing_game": [pointing_game(s[i], g[i], tolerance, v[i]) if keep[i] else None for i in range(n)],
         "energy_pointing_game": [energy_pointing_game(s[i], g[i], v[i]) if keep[i] else None for i in range(n)],
+        "pr_auc": [average_precision(s[i], g[i], v[i]) if keep[i] else None for i in range(n)],
         "thresholds": {},
     }
     binaries: dict[str, list[np.ndarray]] = {str(t): [binarize(s[i], t, v[i]) for i in range(n)] for t in ts}
     if otsu:
         binaries["otsu"] = [otsu_binarize(s[i], v[i]) for i in range(n)]
+    if area:
+        binaries["area"] = [area_binarize(s[i], g[i], v[i]) for i in range(n)]
     for key, preds in binaries.items():
         per_image["thresholds"][key] = {
             name: [fn(preds[i], g[i]) if keep[i] else None for i in range(n)] for name, fn in _OVERLAPS.items()
@@ -284,6 +349,7 @@ def localisation_metrics(
         "energy_pointing_game": _mean(
             [x if x is not None else 0.0 for x in per_image["energy_pointing_game"]], keep
         ),
+        "pr_auc": _mean([x if x is not None else 0.0 for x in per_image["pr_auc"]], keep),
         "thresholds": {
             key: {name: _mean([x or 0.0 for x in vals], keep) for name, vals in d.items()}
             for key, d in per_image["thresholds"].items()
