@@ -46,6 +46,7 @@ class DataConfig:
     synthetic_patients: int = 24
     synthetic_images_per_patient: int = 40
     synthetic_seed: int = 0
+    synthetic_options: str = ""  # other simulator parameters, "KEY=VALUE;KEY=VALUE" (e.g. "noise=false;motion=false")
 
 
 @dataclass(frozen=True)

@@ -65,26 +65,38 @@ def load_run(workdir: str, which: str = "best", num_devices: int | None = None) 
     return TrainedRun(cfg, class_names, model, state, mesh, int(step), workdir)
 
 
-def evaluate_run(workdir: str, source: str | None = None, split: str = "test", which: str = "best",
+def evaluate_run(workdir: str, source: str | None = None, split: str | None = None, which: str = "best",
                  out_dir: str | None = None, figures: bool = True) -> dict[str, Any]:
-    """Evaluate a run on a split of its data (or all of another ``source``); writes ``eval/metrics.json``.
+    """Evaluate a run on a split of its data, or on another ``source``; writes ``eval/metrics.json``.
 
-    ``split`` is ``train``/``val``/``test`` of the run's patient-wise split, or ``all``.
+    Without ``source`` (or with the run's own ``data.source``), ``split`` (default ``test``) is
+    ``train``/``val``/``test`` of the patient-wise split the run trained with, or ``all``.
+    Another ``source`` (a folder or CSV manifest of new patients) is scored whole by default
+    (``split="all"``; ``train``/``val``/``test`` draw a fresh patient-wise split of it). Its
+    classes must be among the run's (a subset is fine); a label the run does not know is a
+    ``DataError`` naming the CSV line (or the class folder). Returns the metrics dict
+    (``classification_metrics`` plus ``split``, ``n``, ``checkpoint_step``, ``source``).
     """
     from lclsc_jax import evaluate
 
     run = load_run(workdir, which)
-    ds = loop.load_dataset(run.cfg, source)
-    if tuple(ds.class_names) != run.class_names:
-        raise ValueError(f"data classes {tuple(ds.class_names)} differ from the run's {run.class_names}")
+    own = source is None or same_source(source, run.cfg.data.source)
+    if not own:
+        check_known_labels(source, run.class_names)
+    ds = loop.load_dataset(run.cfg, None if own else source)
+    to_run = label_map(ds.class_names, run.class_names)
+    split = split or ("test" if own else "all")
     if split == "all":
         indices = np.arange(len(ds.labels))
     else:
-        splits = run_splits(workdir, run.cfg, ds) if source is None else loop.make_splits(run.cfg, ds)
+        splits = run_splits(workdir, run.cfg, ds) if own else loop.make_splits(run.cfg, ds)
         if split not in splits:
             raise ValueError(f"unknown split {split!r}; choose from {sorted(splits)} or 'all'")
         indices = splits[split]
+    if len(indices) == 0:
+        raise ValueError(f"split {split!r} of {source or run.cfg.data.source} has no images")
     res = predict_records(run, ds, indices)
+    res["label"] = to_run[np.asarray(res["label"], np.int64)]
     metrics = evaluate.classification_metrics(res["label"], res["probs"], class_names=run.class_names,
                                               patients=res["patient"])
     metrics.update(split=split, checkpoint_step=run.step, source=source or run.cfg.data.source,
@@ -102,6 +114,48 @@ def evaluate_run(workdir: str, source: str | None = None, split: str = "test", w
         if metrics.get("per_patient"):
             plots.per_patient_bars(metrics["per_patient"], os.path.join(out_dir, "per_patient.png"))
     return metrics
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two ``data.source`` values name the same data (``synthetic``, or the same path once resolved)."""
+    if a == b:
+        return True
+    if "synthetic" in (a, b) or "://" in a or "://" in b:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_known_labels(source: str, class_names: Sequence[str]) -> None:
+    """Raise ``DataError`` at the first image of ``source`` whose class is not in ``class_names``.
+
+    ``source``: a CSV manifest (the error names its line) or a folder ``ROOT/<class>/...`` (the
+    error names the class folder). Bad files are reported as ``read_manifest``/``scan_folder`` do.
+    """
+    from lclsc_jax import data
+
+    if source == "synthetic" or "://" in source:
+        return
+    if os.path.isdir(source):
+        names, _ = data.scan_folder(source)
+        unknown = [c for c in names if c not in class_names]
+        if unknown:
+            raise data.DataError(f"{os.path.join(source, unknown[0])}: class folder '{unknown[0]}' is not a class of "
+                                 f"the run (its classes: {list(class_names)})")
+        return
+    if source.lower().endswith(".csv"):
+        names, records = data.read_manifest(source)
+        bad = next((r for r in records if names[r.label] not in class_names), None)
+        if bad is not None:
+            raise data.DataError(f"{bad.where}: unknown label '{names[bad.label]}' (the run's classes: "
+                                 f"{list(class_names)})")
+
+
+def label_map(data_classes: Sequence[str], run_classes: Sequence[str]) -> np.ndarray:
+    """``(C_data,)`` int64: the run's class index of each of the data's classes (the data may have a subset)."""
+    unknown = [c for c in data_classes if c not in run_classes]
+    if unknown:
+        raise ValueError(f"data classes {unknown} are not classes of the run ({tuple(run_classes)})")
+    return np.asarray([list(run_classes).index(c) for c in data_classes], np.int64)
 
 
 def run_splits(workdir: str, cfg: Config, ds: Any) -> dict[str, np.ndarray]:

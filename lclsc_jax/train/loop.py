@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Iterator
@@ -27,14 +26,24 @@ class TrainingDiverged(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 def load_dataset(cfg: Config, source: str | None = None) -> Any:
-    """The dataset a config names (or ``source`` instead of ``cfg.data.source``)."""
+    """The dataset a config names (or ``source`` instead of ``cfg.data.source``).
+
+    ``source``: ``"synthetic"`` (built from the ``data.synthetic_*`` keys), a folder
+    ``ROOT/<class>/<patient>/<frame>`` or a CSV manifest (converted to ``data.image_size`` and
+    ``data.channels``). Returns a ``lclsc_jax.data.Dataset``; bad input raises ``data.DataError``
+    naming the file (and CSV line).
+    """
     from lclsc_jax import data
 
     d = cfg.data
-    synthetic = data.SyntheticConfig(num_patients=d.synthetic_patients,
-                                     images_per_patient=d.synthetic_images_per_patient,
-                                     image_size=d.image_size, seed=d.synthetic_seed)
-    return data.load(source or d.source, image_size=d.image_size, channels=d.channels,
+    source = source or d.source
+    synthetic = None
+    if source == "synthetic":  # the synthetic keys mean nothing for a user's folder or manifest
+        options = [o for o in d.synthetic_options.split(";") if o.strip()]
+        synthetic = data.synthetic_config(options, num_patients=d.synthetic_patients,
+                                          images_per_patient=d.synthetic_images_per_patient,
+                                          image_size=d.image_size, seed=d.synthetic_seed)
+    return data.load(source, image_size=d.image_size, channels=d.channels,
                      cache_dir=d.cache_dir or None, synthetic=synthetic)
 
 
@@ -45,6 +54,32 @@ def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
     return data.patient_split(ds.patients, ds.labels, val_fraction=cfg.data.val_fraction,
                               test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
                               split_column=getattr(ds, "split_column", None))
+
+
+def check_training_classes(ds: Any, splits: dict[str, np.ndarray], source: str | None = None) -> None:
+    """Raise ``DataError`` if a class has no training record (e.g. a manifest ``split`` column put all its rows in val/test).
+
+    ``ds``: a ``lclsc_jax.data.Dataset`` with ``labels (N,)``; ``splits``: record indices per split.
+    For a CSV ``source`` the message names the manifest line of the class's first row.
+    """
+    from lclsc_jax import data
+
+    labels = np.asarray(ds.labels)
+    present = set(labels[np.asarray(splits["train"], np.int64)].tolist())
+    missing = [c for c in range(len(ds.class_names)) if c not in present]
+    if not missing:
+        return
+    c = missing[0]
+    where = str(source or "the data")
+    if source and str(source).lower().endswith(".csv") and os.path.isfile(source):
+        _, records = data.read_manifest(source)
+        first = int(np.flatnonzero(labels == c)[0])
+        if len(records) == len(labels):
+            where = records[first].where
+    names = [ds.class_names[m] for m in missing]
+    raise data.DataError(f"{where}: label '{ds.class_names[c]}' has no training rows: the split puts every patient "
+                         f"of class(es) {names} in val/test, so the model could never predict them "
+                         "(move a patient of each to 'train', or drop the class)")
 
 
 def build_model(cfg: Config, num_classes: int) -> Any:
@@ -132,25 +167,37 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+#: Keys a resumed run may change: how long it trains and how often it logs, evaluates and saves.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_last",
+                  "train.eval_batch_size")
+
+
 def resolve_config(workdir: str, cfg: Config | None, overrides: dict[str, Any] | None = None) -> Config:
-    """The config of a run: the workdir's saved one when resuming, else ``cfg``; overrides applied."""
-    from lclsc_jax.train.config import override
+    """The config of a run: the workdir's saved one when resuming, else ``cfg``; overrides applied.
+
+    Resuming (``workdir/config.json`` exists) accepts the command that started the run again
+    (same ``cfg`` and overrides) or no ``cfg`` at all; either may change only
+    :data:`RESUMABLE_KEYS` (e.g. a higher ``train.steps``). Anything else (another data source,
+    image size, model, loss, ...) is an error naming the differing keys.
+    """
+    from lclsc_jax.train.config import flatten, override
 
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = from_dict(json.load(f))
-        if cfg is not None and _differs_beyond_steps(saved, cfg):
-            raise ValueError(f"{workdir} holds a run with a different config; resume it without --config "
-                             "(use --set for train.steps) or pick a new --workdir")
+        given = cfg if cfg is not None else saved
+        given = override(given, overrides) if overrides else given
+        a, b = flatten(saved), flatten(given)
+        diff = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_KEYS)
+        if diff:
+            shown = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in diff[:6]) + (" ..." if len(diff) > 6 else "")
+            raise ValueError(f"{workdir} holds a run with a different config ({shown}); resume it with the command "
+                             "that started it (only " + ", ".join(RESUMABLE_KEYS) + " may change) or without "
+                             "--config, or pick a new --workdir")
         cfg = saved
     cfg = cfg or Config()
     return override(cfg, overrides) if overrides else cfg
-
-
-def _differs_beyond_steps(a: Config, b: Config) -> bool:
-    strip = lambda c: dataclasses.replace(c, train=dataclasses.replace(c.train, steps=0))  # noqa: E731
-    return to_dict(strip(a)) != to_dict(strip(b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,18 +215,21 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
     """
     from lclsc_jax import data
 
-    os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, "config.json"), to_dict(cfg))
     ds = dataset if dataset is not None else load_dataset(cfg)
     if splits is None:
         splits = make_splits(cfg, ds)
+        check_training_classes(ds, splits, cfg.data.source)
     else:
         data.check_disjoint(ds.patients, splits)
-    write_json(os.path.join(workdir, "splits.json"), {
+    split_info = {
         "indices": {k: np.asarray(v).tolist() for k, v in splits.items()},
         "class_names": list(ds.class_names),
         "patients": {k: sorted(set(map(str, ds.patients[v]))) for k, v in splits.items()},
-        "counts": {k: int(len(v)) for k, v in splits.items()}})
+        "counts": {k: int(len(v)) for k, v in splits.items()}}
+    _check_same_data(workdir, split_info)
+    os.makedirs(workdir, exist_ok=True)  # only once the data is good: a bad --data leaves no run behind
+    write_json(os.path.join(workdir, "config.json"), to_dict(cfg))
+    write_json(os.path.join(workdir, "splits.json"), split_info)
 
     mesh = shd.make_mesh(num_devices)
     shd.check_batch_size(cfg.train.batch_size, mesh)
@@ -188,7 +238,7 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
     state = init_state(cfg, model, ds.num_classes, mesh)
     train_it = data.train_iterator(
         ds, splits["train"], global_batch_size=cfg.train.batch_size, seed=cfg.seed,
-        augment=data.AugmentConfig() if cfg.data.augment else data.AugmentConfig.none(),
+        augment=data.AugmentConfig() if cfg.data.augment else data.AugmentConfig(enabled=False),
         num_workers=cfg.data.num_workers, second_view=False)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.train.keep_last,
@@ -245,6 +295,24 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
         writer.close()
         ckpt.close()
     return {"step": step, "val": last_val, "workdir": workdir}
+
+
+def _check_same_data(workdir: str, split_info: dict[str, Any]) -> None:
+    """On resume, raise if the data's classes or patient-wise split differ from the run's ``splits.json``.
+
+    A folder or manifest edited between two calls (frames or patients added, labels changed)
+    would otherwise continue the run on another split, possibly with test patients in training.
+    """
+    path = os.path.join(workdir, "splits.json")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not (os.path.exists(path) and os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    for key in ("class_names", "patients", "indices"):
+        if key in saved and saved[key] != json.loads(json.dumps(split_info[key])):
+            raise ValueError(f"{workdir}: the data changed since this run started ({key} differ from its "
+                             "splits.json); restore the data, or train the new data in a new --workdir")
 
 
 def _check_and_average(pending: list[dict[str, jax.Array]], step: int) -> dict[str, float]:
