@@ -31,8 +31,10 @@ from lclsc_jax.data.splits import (
     split_report,
     splits_for,
 )
-from lclsc_jax.data.synthetic import EVIDENCE, SyntheticConfig, generate_arrays, generate_image
-from lclsc_jax.data.viz import render_examples
+from lclsc_jax.data.export import export_synthetic
+from lclsc_jax.data.synthetic import EVIDENCE, SyntheticConfig, generate_arrays, generate_patient
+from lclsc_jax.data.synthetic import config_from_options as synthetic_config
+from lclsc_jax.data.viz import render_examples, render_panel
 
 __all__ = [
     "EVIDENCE",
@@ -49,8 +51,9 @@ __all__ = [
     "default_cache_dir",
     "denormalize_images",
     "eval_batches",
+    "export_synthetic",
     "generate_arrays",
-    "generate_image",
+    "generate_patient",
     "leave_one_patient_out",
     "load",
     "load_image_file",
@@ -61,9 +64,11 @@ __all__ = [
     "patient_split",
     "read_manifest",
     "render_examples",
+    "render_panel",
     "scan_folder",
     "split_report",
     "splits_for",
+    "synthetic_config",
     "train_dataset",
     "train_iterator",
 ]

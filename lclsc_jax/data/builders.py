@@ -25,11 +25,11 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from lclsc_jax.data import io as data_io
-from lclsc_jax.data.synthetic import SyntheticConfig, generate, patient_ids, patient_label
+from lclsc_jax.data.synthetic import SyntheticConfig, generate, pass_metadata, patient_ids, patient_label
 
 INDEX_FILE = "lclsc_index.json"
 _CODE_PATH = epath.Path(__file__)
-USER_FORMAT_VERSION = "1.0.0"
+USER_FORMAT_VERSION = "1.1.0"
 
 
 class _DropCustomConfigWarning(logging.Filter):
@@ -47,8 +47,9 @@ def default_cache_dir() -> str:
     return os.environ.get("LCLSC_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lclsc_jax")
 
 
-def _features(image_size: int, channels: int, class_names, with_mask: bool) -> tfds.features.FeaturesDict:
-    """Feature spec: image Tensor uint8 (H, W, C), ClassLabel, patient Text, [mask (H, W)]."""
+def _features(image_size: int, channels: int, class_names, with_mask: bool,
+              with_sequence: bool = False) -> tfds.features.FeaturesDict:
+    """Feature spec: image Tensor uint8 (H, W, C), ClassLabel, patient Text, [mask (H, W)], [sequence, frame, diagnostic]."""
     f: dict[str, Any] = {
         "image": tfds.features.Tensor(shape=(image_size, image_size, channels), dtype=np.uint8),
         "label": tfds.features.ClassLabel(names=list(class_names)),
@@ -56,6 +57,10 @@ def _features(image_size: int, channels: int, class_names, with_mask: bool) -> t
     }
     if with_mask:
         f["mask"] = tfds.features.Tensor(shape=(image_size, image_size), dtype=np.uint8)
+    if with_sequence:
+        f["sequence"] = tfds.features.Scalar(dtype=np.int32)
+        f["frame"] = tfds.features.Scalar(dtype=np.int32)
+        f["diagnostic"] = tfds.features.Scalar(dtype=np.bool_)
     return tfds.features.FeaturesDict(f)
 
 
@@ -67,10 +72,11 @@ class SyntheticPcleConfig(tfds.core.BuilderConfig):
 
 
 class SyntheticPcle(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder ``synthetic_pcle``: procedural pCLE-like frames with evidence masks."""
+    """TFDS builder ``synthetic_pcle``: simulated pCLE frames with evidence masks, sequences and non-diagnostic flags."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "2.0.0": "pCLE simulator: fibre bundle, sequences, non-diagnostic frames, matched statistics."}
     # TFDS's lookup of the code path needs `importlib_resources` for editable installs.
     code_path = _CODE_PATH
 
@@ -87,8 +93,8 @@ class SyntheticPcle(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config.synthetic
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Synthetic pCLE-like frames; class evidence only inside the masked discs.",
-            features=_features(cfg.image_size, 1, cfg.classes, True),
+            description="Simulated pCLE frames; class evidence is the arrangement of cells inside the masked lesion.",
+            features=_features(cfg.image_size, 1, cfg.classes, True, with_sequence=True),
             disable_shuffling=True,  # record i is (patient i // n, frame i % n)
         )
 
@@ -98,6 +104,12 @@ class SyntheticPcle(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         yield from generate(self.builder_config.synthetic)
+
+
+def _metadata(records: list[dict], key: str, dtype: Any) -> list | None:
+    """The per-record ``key`` values for the index, or None when no record has one."""
+    vals = [r.get(key) for r in records]
+    return None if all(v is None for v in vals) else [None if v is None else dtype(v) for v in vals]
 
 
 @dataclasses.dataclass
@@ -200,6 +212,9 @@ class Dataset:
     channels: int
     split_column: np.ndarray | None = None  # str (N,) from a manifest's `split` column
     path: str = ""  # cache directory of the built dataset
+    sequence: np.ndarray | None = None  # str (N,): probe pass / video within the patient
+    frame: np.ndarray | None = None  # int32 (N,): frame index within its sequence (-1 unknown)
+    diagnostic: np.ndarray | None = None  # bool (N,): False for non-diagnostic frames
 
     @property
     def num_classes(self) -> int:
@@ -237,6 +252,7 @@ def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuild
     if len(src) != n:
         raise RuntimeError(f"{final_dir}: corrupt cache ({len(src)} records, index says {n}); delete it")
     split = index.get("split")
+    seq, frame, diag = index.get("sequence"), index.get("frame"), index.get("diagnostic")
     return Dataset(
         source=RecordSource(src, index["image_size"], index["has_masks"]),
         class_names=tuple(index["class_names"]),
@@ -247,6 +263,9 @@ def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuild
         channels=int(index["channels"]),
         split_column=None if split is None else np.asarray(split, dtype=str),
         path=str(final_dir),
+        sequence=None if seq is None else np.asarray(["" if v is None else str(v) for v in seq], dtype=str),
+        frame=None if frame is None else np.asarray([-1 if v is None else v for v in frame], np.int32),
+        diagnostic=None if diag is None else np.asarray([True if v is None else v for v in diag], bool),
     )
 
 
@@ -274,6 +293,8 @@ def load_synthetic(config: SyntheticConfig, cache_dir: str | os.PathLike) -> Dat
         _quiet_prepare(make(tmp))
         pids = patient_ids(config)
         n = config.images_per_patient
+        meta = [(r["sequence"], r["frame"], r["diagnostic"]) for p in range(config.num_patients)
+                for r in pass_metadata(config, p)]
         return {
             "class_names": list(config.classes),
             "labels": [patient_label(config, p) for p in range(config.num_patients) for _ in range(n)],
@@ -282,6 +303,9 @@ def load_synthetic(config: SyntheticConfig, cache_dir: str | os.PathLike) -> Dat
             "image_size": config.image_size,
             "channels": 1,
             "split": None,
+            "sequence": [f"{pids[i // n]}-s{m[0]}" for i, m in enumerate(meta)],
+            "frame": [m[1] for m in meta],
+            "diagnostic": [m[2] for m in meta],
             "source": "synthetic",
             "config": dataclasses.asdict(config),
         }
@@ -302,7 +326,7 @@ def _content_hash(records, class_names, image_size: int, channels: int, source: 
                 continue
             st = os.stat(p)
             h.update(json.dumps([os.path.abspath(p), st.st_size, st.st_mtime_ns]).encode())
-        h.update(json.dumps([r.label, r.patient, r.split]).encode())
+        h.update(json.dumps([r.label, r.patient, r.split, r.sequence, r.frame, r.diagnostic]).encode())
     return h.hexdigest()[:16]
 
 
@@ -349,6 +373,9 @@ def load_user(
             "image_size": image_size,
             "channels": channels,
             "split": [r.split for r in records] if has_split else None,
+            "sequence": _metadata([dataclasses.asdict(r) for r in records], "sequence", str),
+            "frame": _metadata([dataclasses.asdict(r) for r in records], "frame", int),
+            "diagnostic": _metadata([dataclasses.asdict(r) for r in records], "diagnostic", bool),
             "source": str(src.resolve()),
             "files": [r.path for r in records],
         }

@@ -21,7 +21,9 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("path", "label", "patient")
+OPTIONAL_COLUMNS = ("mask", "split", "sequence", "frame", "diagnostic")
 SPLIT_NAMES = ("train", "val", "test")
+_TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
 
 
 class DataError(ValueError):
@@ -38,6 +40,9 @@ class RecordSpec:
     mask: str | None = None
     split: str | None = None
     where: str = ""  # human-readable origin ("manifest.csv line 7") for error messages
+    sequence: str | None = None  # probe pass / video the frame belongs to (within its patient)
+    frame: int | None = None  # index of the frame in its sequence
+    diagnostic: bool | None = None  # False: a non-diagnostic frame (out of contact, saturated, smeared)
 
 
 def _read_raw(path: str | os.PathLike) -> np.ndarray:
@@ -158,13 +163,37 @@ def scan_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[RecordSp
     return class_names, records
 
 
+def _frame_index(value: str | None, where: str) -> int | None:
+    """A manifest's ``frame`` cell: a non-negative integer, or None when empty."""
+    if not value:
+        return None
+    try:
+        f = int(value)
+    except ValueError:
+        f = -1
+    if f < 0:
+        raise DataError(f"{where}: frame '{value}' must be a non-negative integer")
+    return f
+
+
+def _flag(value: str | None, where: str) -> bool | None:
+    """A manifest's ``diagnostic`` cell: True/False, or None when empty."""
+    if not value:
+        return None
+    v = value.strip().lower()
+    if v in _TRUE or v in _FALSE:
+        return v in _TRUE
+    raise DataError(f"{where}: diagnostic '{value}' must be one of 1/0/true/false/yes/no")
+
+
 def read_manifest(
     csv_path: str | os.PathLike, class_names: tuple[str, ...] | None = None
 ) -> tuple[tuple[str, ...], list[RecordSpec]]:
-    """Parse a CSV manifest (path,label,patient[,mask][,split]); returns (class_names, records).
+    """Parse a CSV manifest (path,label,patient[,mask][,split][,sequence][,frame][,diagnostic]); returns (class_names, records).
 
     Paths are relative to the CSV's folder. Without ``class_names`` the classes are the
     sorted distinct labels; with them, any other label is an error naming its row.
+    ``frame`` is a non-negative integer, ``diagnostic`` one of 1/0/true/false/yes/no.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -177,7 +206,7 @@ def read_manifest(
         if missing:
             raise DataError(
                 f"{csv_path} line 1: missing column(s) {missing}; header is {header} "
-                f"(required: {list(MANIFEST_COLUMNS)}, optional: ['mask', 'split'])"
+                f"(required: {list(MANIFEST_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)})"
             )
         reader.fieldnames = header
         rows = []
@@ -213,7 +242,9 @@ def read_manifest(
             if split not in SPLIT_NAMES:
                 raise DataError(f"{where}: split '{split}' must be one of {list(SPLIT_NAMES)}")
         records.append(
-            RecordSpec(str(path), index[r["label"]], r["patient"], mask, split, where)
+            RecordSpec(str(path), index[r["label"]], r["patient"], mask, split, where,
+                       sequence=r.get("sequence") or None, frame=_frame_index(r.get("frame"), where),
+                       diagnostic=_flag(r.get("diagnostic"), where))
         )
     counts = np.bincount([r.label for r in records], minlength=len(class_names))
     empty = [c for c, n in zip(class_names, counts) if n == 0]
