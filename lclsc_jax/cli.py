@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a trained run on a patient-wise split")
     p.add_argument("--workdir", required=True)
     p.add_argument("--data", help=DATA_HELP + " (default: the run's data)")
-    p.add_argument("--split", default="test", help="train, val, test (default) or all")
+    p.add_argument("--split", help="train, val, test or all (default: test of the run's own data; all of other "
+                   "--data, whose classes must be among the run's)")
     p.add_argument("--out", help="output directory (default: WORKDIR/eval)")
     _add_checkpoint(p)
 
@@ -69,9 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     _add_checkpoint(p)
 
-    p = sub.add_parser("explain", help="saliency maps (.npy + PNG overlays) for image files")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--method", default="sc", help="a method of lclsc_jax.explain.METHODS, or 'all' for a grid")
+    p = sub.add_parser("explain", help="saliency maps (.npy + PNG overlays) for image files",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Explain the predictions of a trained run (--workdir) or of an imported "
+                                   "torchvision/timm-named classifier (--torch-weights FILE --arch ARCH).",
+                       epilog="examples:\n  lclsc explain --workdir runs/r18 --method sc frame1.png --out maps/\n"
+                              "  lclsc explain --torch-weights cle_resnet18.pth --arch resnet18 --classes a,b,c "
+                              "--method gradcam img.png --out maps/   (fc with 3 outputs)\n\n"
+                              "--normalize: imagenet = (pixels/255 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225) "
+                              "(torchvision/timm ImageNet weights; RGB only), lclsc = (pixels/255 - 0.5) / 0.25 "
+                              "(this project's runs), unit = pixels/255.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a trained run")
+    src.add_argument("--torch-weights", metavar="FILE",
+                     help="a classifier's state_dict (.pt/.pth/.safetensors, torchvision/timm ResNet naming, "
+                          "with fc.*) instead of a run; needs --arch")
+    p.add_argument("--arch", help="with --torch-weights: resnet18, resnet34, resnet50 or tiny")
+    p.add_argument("--classes", help="with --torch-weights: comma-separated class names, one per output of fc "
+                   "(default: 0, 1, ...)")
+    p.add_argument("--normalize", choices=EXPLAIN_NORMALIZE,
+                   help="input normalisation (default: imagenet with --torch-weights; a run always uses lclsc)")
+    p.add_argument("--image-size", type=int, help="with --torch-weights: images are resized to this square size "
+                   "(default 224); a run uses its own")
+    p.add_argument("--method", default=None, help="a method of lclsc_jax.explain.METHODS, or 'all' for a grid "
+                   "(default: sc for a run, gradcam with --torch-weights)")
     p.add_argument("--stage", default="last", help="feature stage to explain (e.g. stage3, stage4; default: last)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output directory")
@@ -103,6 +125,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--faithfulness", action="store_true", help="also deletion/insertion AUC (slower)")
     p.add_argument("--out", help="output directory (default: WORKDIR/cam_benchmark)")
     _add_checkpoint(p)
+
+    p = sub.add_parser("audit-data", help="shortcut audit: global image statistics vs class, class-blind maps vs masks",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fit simple classifiers (logistic regression, boosted trees, k-NN) on global "
+                                   "statistics of each frame (histogram, power spectrum, gradients), patient-wise, "
+                                   "and score class-blind saliency maps against the masks. If global statistics "
+                                   "predict the class, a model's accuracy does not show that it learned the "
+                                   "evidence. Writes audit.json, audit.md, audit.png, audit_maps.png; prints audit.md.",
+                       epilog="examples:\n  lclsc audit-data --data synthetic --config demo\n"
+                              "  lclsc audit-data --data frames.csv --set data.image_size=128 --out audit_mine")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--config", default="default",
+                   help="preset or JSON file for the data settings (image size, channels, synthetic data, split; "
+                        "default: default)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. data.image_size=64")
+    p.add_argument("--folds", type=int, default=8,
+                   help="patient-wise CV folds (default 8; reduced when there are fewer patients)")
+    p.add_argument("--split", default="test", help="frames whose class-blind maps are scored: test (default), "
+                   "train, val or all")
+    p.add_argument("--max-map-images", type=int, default=64, help="frames scored for the blind maps (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, classifiers and bootstrap (default 0)")
+    p.add_argument("--out", default="audit", help="output directory (default: ./audit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+
+    p = sub.add_parser("synth", help="export the simulated pCLE benchmark as PNG frames, masks and a manifest CSV",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write OUT/images/<patient>/s<seq>_f<frame>.png, OUT/masks/..., and "
+                                   "OUT/manifest.csv (path,label,patient,mask,sequence,frame,diagnostic,kind), readable "
+                                   "back with --data OUT/manifest.csv and by any other framework. Defaults: the default "
+                                   "benchmark (24 patients x 40 frames, 128 px, seed 0).",
+                       epilog="examples:\n  lclsc synth --out pcle64 --size 64\n"
+                              "  lclsc synth --out pcle_noisy --option photons=5,20 nondiagnostic_fraction=0.3\n"
+                              "  lclsc train --workdir runs/from_png --data pcle64/manifest.csv --config demo")
+    p.add_argument("--out", required=True, help="output folder (must not hold a manifest yet)")
+    p.add_argument("--patients", type=int, default=24, help="number of patients (default 24)")
+    p.add_argument("--frames", type=int, default=40, help="frames per patient (default 40)")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="any other simulator parameter (lclsc_jax.data.SyntheticConfig), e.g. noise=false, "
+                        "fibre_cores=5000,10000, nondiagnostic_fraction=0.2")
 
     from lclsc_jax.evaluate.ablation import add_ablation_arguments
 
@@ -151,6 +215,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = C.parse_overrides(args.set)
     if args.data:
         overrides["data.source"] = args.data
+    if "data.source" in overrides:
+        overrides["data.source"] = _data_source(str(overrides["data.source"]))
     cfg = C.load(args.config) if args.config else None
     cfg = loop.resolve_config(args.workdir, cfg, overrides)
     summary = loop.train(cfg, args.workdir, init_from=args.init_from, progress=not args.no_progress)
@@ -158,10 +224,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_source(value: str) -> str:
+    """``--data`` as saved in a run's config: ``synthetic`` and URLs as given, a local path made absolute.
+
+    An absolute path keeps the run usable (evaluate, resume, cv) from any working directory.
+    """
+    if value == "synthetic" or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _output_names(paths: Sequence[str]) -> list[str]:
+    """Names for the output files of image ``paths``: the file names or, when two would give the same
+    output stem (``a/0001.png``, ``b/0001.png``: frames of different patients), the path below the
+    common folder with ``_`` for the separators (``a_0001.png``)."""
+    def unique(names: list[str]) -> bool:
+        return len({os.path.splitext(n)[0] for n in names}) == len(names)
+
+    names = [os.path.basename(p) for p in paths]
+    if unique(names):
+        return names
+    absolute = [os.path.abspath(p) for p in paths]
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    names = [os.path.relpath(p, common).replace(os.sep, "_") for p in absolute]
+    if not unique(names):  # the same file twice, or names differing only by their extension
+        names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
+    return names
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from lclsc_jax.train import inference
 
-    m = inference.evaluate_run(args.workdir, args.data, args.split, args.checkpoint, args.out)
+    m = inference.evaluate_run(args.workdir, _data_source(args.data) if args.data else None, args.split,
+                               args.checkpoint, args.out)
     print(format_metrics(m))
     print(f"written: {os.path.join(args.out or os.path.join(args.workdir, 'eval'), 'metrics.json')}")
     return 0
@@ -188,15 +283,70 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPLAIN_NORMALIZE = ("imagenet", "lclsc", "unit")
+
+
 def _explain(args: argparse.Namespace) -> int:
     from lclsc_jax import explain
+
+    if args.torch_weights:
+        return _explain_torch_weights(args)
+    for flag, value in (("--arch", args.arch), ("--classes", args.classes), ("--image-size", args.image_size)):
+        if value is not None:
+            raise ValueError(f"{flag} goes with --torch-weights; a run (--workdir) has its own")
+    if args.normalize not in (None, "lclsc"):
+        raise ValueError(f"--normalize {args.normalize}: a run's images are normalised as in training (lclsc)")
     from lclsc_jax.train import inference
 
     run = inference.load_run(args.workdir, args.checkpoint)
     images = inference.load_images(run.cfg, args.images)
-    written = explain.write_explanations(run.model, run.variables, images, [os.path.basename(p) for p in args.images],
-                                         args.out, args.method, args.stage, global_emb=run.global_emb,
+    written = explain.write_explanations(run.model, run.variables, images, _output_names(args.images),
+                                         args.out, args.method or "sc", args.stage, global_emb=run.global_emb,
                                          class_names=run.class_names, tau=run.cfg.loss.tau)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _explain_torch_weights(args: argparse.Namespace) -> int:
+    """``lclsc explain --torch-weights FILE --arch ARCH``: explain an imported classifier's predictions."""
+    import numpy as np
+
+    from lclsc_jax import data, explain, interop
+
+    if args.checkpoint != "best":
+        raise ValueError("--checkpoint selects a run's checkpoint (--workdir); --torch-weights FILE is the weights")
+    if not args.arch:
+        raise ValueError("--torch-weights needs --arch (resnet18, resnet34, resnet50 or tiny)")
+    model, variables = interop.load_torch_model(args.torch_weights, args.arch)
+    if model.head_type != "linear":
+        raise ValueError(f"{args.torch_weights} has no fc.* classifier (a bare backbone or an LCL-SC embedding "
+                         "model): --torch-weights explains a classifier's logits; explain an LCL-SC run with "
+                         "--workdir")
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else [str(k) for k in range(model.num_classes)]
+    if len(classes) != model.num_classes or not all(classes):
+        raise ValueError(f"--classes names {len(classes)} classes but {args.torch_weights}'s fc has "
+                         f"{model.num_classes} outputs (give one non-empty name per output)")
+    size = 224 if args.image_size is None else args.image_size
+    if size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {size}")
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"no such image file(s): {', '.join(missing)}")
+    u8 = np.stack([data.load_image_file(p, size, model.in_channels) for p in args.images])  # (N, S, S, C)
+    mode = args.normalize or "imagenet"
+    if mode == "imagenet":
+        if model.in_channels != 3:
+            raise ValueError(f"--normalize imagenet needs an RGB model; {args.torch_weights} takes "
+                             f"{model.in_channels} channel(s): pass --normalize lclsc or unit")
+        x = interop.imagenet_normalize(u8)
+    elif mode == "lclsc":
+        x = data.normalize_images(u8)
+    else:
+        x = u8.astype(np.float32) / np.float32(255.0)
+    written = explain.write_explanations(model, variables, x, _output_names(args.images), args.out,
+                                         args.method or "gradcam", args.stage, class_names=classes,
+                                         display=u8.astype(np.float32) / np.float32(255.0))
     for path in written:
         print(path)
     return 0
@@ -209,6 +359,8 @@ def _cv(args: argparse.Namespace) -> int:
     overrides = C.parse_overrides(args.set)
     if args.data:
         overrides["data.source"] = args.data
+    if "data.source" in overrides:
+        overrides["data.source"] = _data_source(str(overrides["data.source"]))
     cfg = C.load(args.config, overrides)
     summary = cv.cross_validate(cfg, args.workdir, folds=None if args.lopo else args.folds, lopo=args.lopo,
                                        nested=args.nested, seed=args.seed, progress=not args.no_progress,
@@ -227,6 +379,40 @@ def _benchmark_cams(args: argparse.Namespace) -> int:
     with open(os.path.join(out, "cam_benchmark.md")) as f:
         print(f.read())
     return 0 if rows and not all(r["error"] for r in rows) else 1
+
+
+def _audit_data(args: argparse.Namespace) -> int:
+    """Shortcut audit of a dataset: print the Markdown report, exit 0."""
+    from lclsc_jax.protocols import audit
+    from lclsc_jax.train import config as C
+    from lclsc_jax.train import loop
+
+    cfg = C.load(args.config, C.parse_overrides(args.set))
+    ds = loop.load_dataset(cfg, args.data)
+    d = cfg.data
+    audit.audit_dataset(ds, args.out, folds=args.folds, seed=args.seed, split=args.split,
+                        max_map_images=args.max_map_images, val_fraction=d.val_fraction,
+                        test_fraction=d.test_fraction, split_seed=d.split_seed, progress=not args.no_progress)
+    with open(os.path.join(args.out, "audit.md")) as f:
+        print(f.read())
+    print(f"written: {os.path.join(args.out, 'audit.json')}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    """Export the simulated benchmark (PNG frames, masks, manifest) with progress lines."""
+    from lclsc_jax.data import export, synthetic
+
+    cfg = synthetic.config_from_options(args.option, num_patients=args.patients, images_per_patient=args.frames,
+                                        image_size=args.size, seed=args.seed)
+    t0 = time.time()
+
+    def progress(done: int, total: int) -> None:
+        print(f"[synth] patient {done}/{total} ({time.time() - t0:.0f} s)", flush=True)
+
+    manifest = export.export_synthetic(cfg, args.out, progress=progress)
+    print(f"written: {manifest} ({cfg.num_images} frames, {cfg.image_size} px, {time.time() - t0:.0f} s)")
+    return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
@@ -276,6 +462,7 @@ def _demo(args: argparse.Namespace) -> int:
     ds = loop.load_dataset(run.cfg)
     test_idx = inference.run_splits(args.workdir, run.cfg, ds)["test"]
     data.render_examples(ds, 12, os.path.join(fig_dir, "synthetic_examples.png"))
+    data.render_panel(ds, os.path.join(fig_dir, "pcle_panel.png"))
     written = _demo_saliency(run, ds, test_idx, fig_dir)
     summary = {"accuracy": metrics["accuracy"], "f1": metrics["f1"], "auroc": metrics["auroc"],
                "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t0, 1),
@@ -292,8 +479,14 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
 
     from lclsc_jax import explain
 
-    picks = [int(test_idx[np.flatnonzero(ds.labels[test_idx] == c)[0]])
-             for c in range(len(run.class_names)) if np.any(ds.labels[test_idx] == c)]
+    readable = test_idx if ds.diagnostic is None else test_idx[ds.diagnostic[test_idx]]
+    with_mask = np.array([bool(ds.source[int(i)]["mask"].any()) for i in readable]) if ds.has_masks else None
+    picks = []
+    for c in range(len(run.class_names)):  # a diagnostic frame per class, with its lesion when it has one
+        of_c = ds.labels[readable] == c
+        best = of_c & with_mask if with_mask is not None and np.any(of_c & with_mask) else of_c
+        if best.any():
+            picks.append(int(readable[np.flatnonzero(best)[0]]))
     images = np.stack([ds.source[i]["image"] for i in picks])
     names = [f"test{i}_{run.class_names[ds.labels[i]]}" for i in picks]
     written = []
@@ -310,8 +503,8 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
 
 
 _COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "explain": _explain, "cv": _cv,
-             "benchmark-cams": _benchmark_cams, "ablate": _ablate, "verify": _verify, "demo": _demo,
-             "config": _config}
+             "benchmark-cams": _benchmark_cams, "synth": _synth, "audit-data": _audit_data, "ablate": _ablate, "verify": _verify,
+             "demo": _demo, "config": _config}
 
 
 if __name__ == "__main__":

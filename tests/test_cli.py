@@ -71,7 +71,10 @@ def test_train_evaluate_predict_beats_chance(tmp_path, cache):
     work = str(tmp_path / "run")
     r = _lclsc("train", "--workdir", work, "--config", "tiny", "--no-progress", "--set", "train.steps=150",
                "data.image_size=48", "data.synthetic_patients=12", "data.synthetic_images_per_patient=16",
-               "train.batch_size=32", "train.eval_every=75", "train.checkpoint_every=75", f"data.cache_dir={cache}")
+               "train.batch_size=32", "train.eval_every=75", "train.checkpoint_every=75", f"data.cache_dir={cache}",
+               # The honest benchmark needs ~1000 steps; a planted brightness shortcut makes 150 enough to
+               # show that training, model selection and evaluation are wired together.
+               "data.synthetic_options=class_gain_shortcut=0.8")
     assert r.returncode == 0, r.stderr[-3000:]
     r = _lclsc("evaluate", "--workdir", work)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -116,7 +119,8 @@ def test_train_evaluate_predict_beats_chance(tmp_path, cache):
     import csv
 
     rows = list(csv.DictReader(open(os.path.join(work, "cam_benchmark", "cam_benchmark.csv"))))
-    assert [(r_["method"], r_["stage"]) for r_ in rows] == [("gradcam", "stage4"), ("sc", "stage4")]  # "last" resolved
+    assert [(r_["method"], r_["stage"]) for r_ in rows] == [("gradcam", "stage4"), ("sc", "stage4")] + [
+        (f"blind:{b}", "-") for b in ("local_std", "dog", "centre", "random")]  # "last" resolved; the floor rows
     assert all(0 <= float(r_["dice@otsu"]) <= 1 for r_ in rows)
 
 
@@ -132,13 +136,13 @@ def test_evaluate_without_run_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict", "explain", "cv", "benchmark-cams", "ablate",
-                                     "verify", "demo", "config"])
+                                     "verify", "demo", "config", "audit-data", "synth"])
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--workdir" in out or command in ("verify", "config", "ablate")
+    assert "--workdir" in out or command in ("verify", "config", "ablate", "audit-data", "synth")
 
 
 def test_config_list_shows_every_key(capsys):
@@ -169,3 +173,24 @@ def test_demo_trains_evaluates_and_writes_every_figure(tmp_path, cache):
         assert all(a.shape == (32, 32) and 0 <= a.min() and a.max() <= 1 + 1e-6 for a in maps), m
     for method in ("sc", "gradcam"):
         assert len(list((figs / method).glob("*.png"))) == 3  # one frame per class
+
+
+def test_resuming_accepts_the_starting_command_with_more_steps_and_refuses_other_data(tmp_path, capsys):
+    from lclsc_jax.train import config as C
+    from lclsc_jax.train import loop
+
+    work = tmp_path / "run"
+    work.mkdir()
+    started = {"data.source": str(tmp_path / "manifest.csv"), "data.image_size": 48, "train.steps": 10}
+    (work / "config.json").write_text(json.dumps(C.to_dict(C.load("tiny", started))))
+    again = loop.resolve_config(str(work), C.load("tiny"), {**started, "train.steps": 20})  # the same command
+    assert again.train.steps == 20 and again.data.image_size == 48 and again.data.source == started["data.source"]
+    assert loop.resolve_config(str(work), None, {"train.steps": 30}).train.steps == 30  # no --config
+    with pytest.raises(ValueError, match="data.image_size: 48 -> 64"):
+        loop.resolve_config(str(work), None, {"data.image_size": 64})
+    with pytest.raises(ValueError, match="data.image_size"):  # the preset without the run's --set
+        loop.resolve_config(str(work), C.load("tiny"), {"train.steps": 20})
+    other = tmp_path / "other.csv"
+    assert cli.main(["train", "--workdir", str(work), "--data", str(other), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source" in err and str(other) in err
