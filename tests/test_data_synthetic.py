@@ -351,7 +351,7 @@ def _patient_cv_accuracy(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> fl
 def test_global_statistics_do_not_give_the_class_away_but_a_planted_shortcut_does():
     cfg = data.SyntheticConfig(num_patients=24, images_per_patient=8, image_size=64, seed=11)
     fair = data.generate_arrays(cfg)
-    leaky = data.generate_arrays(dataclasses.replace(cfg, class_gain_shortcut=0.6))
+    leaky = data.generate_arrays(dataclasses.replace(cfg, class_gain_shortcut=0.8))
     acc_fair = _patient_cv_accuracy(_global_statistics(fair["image"]), fair["label"], fair["patient"])
     acc_leaky = _patient_cv_accuracy(_global_statistics(leaky["image"]), leaky["label"], leaky["patient"])
     assert acc_fair < 0.5, acc_fair  # chance is 1/3

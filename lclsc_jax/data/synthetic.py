@@ -83,10 +83,10 @@ class SyntheticConfig:
     background: tuple[float, float] = (0.12, 0.3)
     vessels_per_pass: float = 0.7
     focus_radius_cells: tuple[float, float] = (2.5, 3.5)  # radius of a lesion focus, in cell lengths
-    lesion_extent: tuple[float, float] = (0.05, 0.2)  # fraction of the field of view that is lesion
+    lesion_extent: tuple[float, float] = (0.1, 0.3)  # fraction of the field of view that is lesion
     orientation_jitter_deg: float = 5.0  # spread of a lesion fibre's direction about its field
     file_length: float = 1.5  # mean cells per file (nuclei lined up end to end)
-    tract_bias: tuple[float, float] = (0.0, 0.5)  # von Mises concentration of background directions (tracts)
+    tract_bias: tuple[float, float] = (0.0, 0.0)  # von Mises concentration of background directions (tracts); off
     fibre_period_um: tuple[float, float] = (12.0, 16.0)  # spacing of the fine fluorescent fibres
     fibre_contrast: tuple[float, float] = (1.8, 2.2)  # fibre modulation relative to the background level
     cell_brightness: float = 0.4  # peak fluorescence of a cell (the background is 0.12-0.3)
