@@ -19,7 +19,7 @@ import csv
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -285,16 +285,17 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     picks = _figure_picks(targets, figure_images)
     kept: dict[tuple[str, str], np.ndarray | None] = {}
     rows: list[dict[str, Any]] = []
-    for method, stage in plan:
+    def score(method: str, stage: str, make_maps: Callable[[], np.ndarray]) -> None:
+        """Append the table row of one map maker; a failing method is a table entry, not a crash."""
         t0 = time.time()
         row: dict[str, Any] = {"method": method, "stage": stage, "n_images": int(len(idx)), "error": None}
         try:
-            maps = _maps(run, method, stage, x, targets, min(batch_size, len(x)))
+            maps = make_maps()
             row.update(localisation_row(maps, masks, thresholds, valid))
             if faithfulness:
                 row.update(_faithfulness(score_fn, x, maps, targets, deletion_steps, min(batch_size, len(x)) * 4))
             kept[(method, stage)] = maps[picks]
-        except Exception as e:  # noqa: BLE001 - a failing method is a table entry, not a crash
+        except Exception as e:  # noqa: BLE001
             row["error"] = _error_text(e)
             kept[(method, stage)] = None
         row["seconds"] = round(time.time() - t0, 2)
@@ -303,6 +304,9 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
             loop._log(f"[benchmark-cams] {method:<20} {stage:<7} " + (
                 f"ERROR {row['error']}" if row["error"] else
                 f"dice@otsu={_fmt(row['dice@otsu'])} pointing={_fmt(row['pointing_game'])}"))
+
+    for method, stage in plan:
+        score(method, stage, lambda m=method, s=stage: _maps(run, m, s, x, targets, min(batch_size, len(x))))
     blind_names = shortcuts.BLIND_MAPS if blind is None else tuple(blind)
     # Blind maps are computed inside the measured field of view (a dark rim inside the inscribed disc
     # is not texture) and scored like every other row.
@@ -314,24 +318,8 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
         except ValueError:  # frames too small to have corners: keep the benchmark's FOV
             pass
     for name in blind_names:  # class-blind floor: same images, masks, field of view and scoring
-        t0 = time.time()
-        method = f"blind:{name}"
-        row = {"method": method, "stage": BLIND_STAGE, "n_images": int(len(idx)), "error": None}
-        try:
-            maps = shortcuts.blind_map(name, images, map_valid, seed=0).astype(np.float32)
-            row.update(localisation_row(maps, masks, thresholds, valid))
-            if faithfulness:
-                row.update(_faithfulness(score_fn, x, maps, targets, deletion_steps, min(batch_size, len(x)) * 4))
-            kept[(method, BLIND_STAGE)] = maps[picks]
-        except Exception as e:  # noqa: BLE001 - a failing baseline is a table entry, not a crash
-            row["error"] = _error_text(e)
-            kept[(method, BLIND_STAGE)] = None
-        row["seconds"] = round(time.time() - t0, 2)
-        rows.append(row)
-        if progress:
-            loop._log(f"[benchmark-cams] {method:<20} {BLIND_STAGE:<7} " + (
-                f"ERROR {row['error']}" if row["error"] else
-                f"dice@otsu={_fmt(row['dice@otsu'])} pointing={_fmt(row['pointing_game'])}"))
+        score(f"blind:{name}", BLIND_STAGE,
+              lambda n=name: shortcuts.blind_map(n, images, map_valid, seed=0).astype(np.float32))
     out_dir = out_dir or os.path.join(workdir, "cam_benchmark")
     paths = write_table(rows, columns, out_dir)
     figures = []
