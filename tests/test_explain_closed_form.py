@@ -136,7 +136,7 @@ def _closed_form_cam(method: str, acts: np.ndarray, w_col: np.ndarray) -> np.nda
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "gradcam_elementwise"])
+@pytest.mark.parametrize("method", explain.GRADIENT_CAMS)
 def test_gradient_cams_closed_form(setup, method):
     model, v, x, acts, _, targets = setup
     wfc = _p(v, "params", "fc", "kernel")

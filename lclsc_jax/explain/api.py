@@ -7,119 +7,57 @@ and cached, so repeated calls on same-shaped batches do not retrace.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lclsc_jax import models
-from lclsc_jax.explain import cam, core, fullgrad as fullgrad_mod, gradients, perturbation
+from lclsc_jax.explain import cam, core, registry
+from lclsc_jax.explain.registry import INPUT_METHODS, METHODS, STAGE_METHODS, MethodSpec
 
-METHODS: tuple[str, ...] = (
-    "sc",
-    "gradcam",
-    "hirescam",
-    "gradcam++",
-    "xgradcam",
-    "layercam",
-    "gradcam_elementwise",
-    "eigencam",
-    "scorecam",
-    "ablationcam",
-    "fullgrad",
-    "crm",
-    "occlusion",
-    "superpixel",
-    "gradient",
-    "smoothgrad",
-    "integrated_gradients",
-)
-STAGE_METHODS = cam.GRADIENT_CAMS + ("eigencam", "scorecam", "ablationcam", "crm")
-INPUT_METHODS = ("fullgrad", "occlusion", "superpixel", "gradient", "smoothgrad", "integrated_gradients")
-
-# Options each method accepts (beyond the common ones), with their defaults.
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "scorecam": {"chunk_size": 64},
-    "ablationcam": {"chunk_size": 256},
-    "crm": {"chunk_size": 256, "crm_output": "probs"},
-    "occlusion": {"patch_size": None, "stride": None, "fill": 0.0, "chunk_size": 64},
-    "superpixel": {"segments": None, "n_segments": 50, "compactness": 10.0, "slic_sigma": 1.0,
-                   "fill": 0.0, "chunk_size": 64},
-    "smoothgrad": {"num_samples": 16, "noise_level": 0.15, "rng": None, "chunk_size": 64},
-    "integrated_gradients": {"steps": 32, "baseline": 0.0, "chunk_size": 64},
-}
-# Post-processing of raw input-resolution maps when normalised.
-_INPUT_NORM = {"fullgrad": "none", "occlusion": "relu", "superpixel": "relu", "gradient": "abs",
-               "smoothgrad": "abs", "integrated_gradients": "abs"}
+__all__ = ["INPUT_METHODS", "METHODS", "STAGE_METHODS", "saliency"]
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        close = [m for m in METHODS if m.replace("_", "").replace("+", "") in method.replace("_", "").replace("-", "")
-                 or method.replace("-", "_") == m]
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown saliency method {method!r}{hint}; expected one of {METHODS}")
+def _stage_map(spec: MethodSpec, ex: core.Explainer, x: jax.Array, targets: jax.Array | None, stage: str,
+               opts: dict[str, Any]) -> jax.Array:
+    """Raw map ``(B, *s)`` of a stage method at ``stage``."""
+    if spec.level == "gradient_cam":
+        return cam.gradient_cam_map(ex, x, targets, stage, spec.resolve())
+    return spec.resolve()(ex, x, targets, stage, **opts)
 
 
 def _raw(
-    method: str,
-    model: Any,
+    spec: MethodSpec,
+    ex: core.Explainer,
     stages: tuple[str, ...],
-    static: tuple[tuple[str, Any], ...],
-    variables: Any,
+    opts: dict[str, Any],
     x: jax.Array,
     targets: jax.Array | None,
-    scorer: core.Scorer,
-    dynamic: dict[str, Any],
     normalize: bool,
 ) -> jax.Array:
-    """The map of ``method`` for images ``x (B, *S, C)``: ``(B, *S)``."""
-    opts = dict(static)
+    """The map of ``spec``'s method for images ``x (B, *S, C)``: ``(B, *S)``."""
     size = x.shape[1:-1]
-    if method == "sc":
-        return core.finish_cams([cam.sc_map(model, variables, scorer, x, targets)], size, normalize)
-    if method in STAGE_METHODS:
-        raws = []
-        for stage in stages:
-            if method in cam.GRADIENT_CAMS:
-                acts, grads, _ = cam.stage_gradients(model, variables, scorer, x, targets, stage)
-                raws.append(cam.gradient_cam(method, acts, grads))
-            elif method == "eigencam":
-                feats, _ = core.stage_features(model, variables, x, (stage,))
-                raws.append(cam.eigen_cam(feats[stage]))
-            elif method == "scorecam":
-                raws.append(cam.score_cam(model, variables, scorer, x, targets, stage, **opts))
-            elif method == "ablationcam":
-                raws.append(cam.ablation_cam(model, variables, scorer, x, targets, stage, **opts))
-            else:
-                raws.append(cam.crm(model, variables, scorer, x, targets, stage, **opts))
-        return core.finish_cams(raws, size, normalize)
-    if method == "fullgrad":
-        m = fullgrad_mod.fullgrad(model, variables, scorer, x, targets)
-    elif method == "occlusion":
-        m = perturbation.occlusion(model, variables, scorer, x, targets, **opts)
-    elif method == "superpixel":
-        m = perturbation.superpixel(model, variables, scorer, x, targets, dynamic["segments"], **opts)
-    elif method == "gradient":
-        m = gradients.gradient(model, variables, scorer, x, targets)
-    elif method == "smoothgrad":
-        m = gradients.smoothgrad(model, variables, scorer, x, targets, dynamic["rng"], **opts)
-    else:
-        m = gradients.integrated_gradients(model, variables, scorer, x, targets, dynamic["baseline"], **opts)
-    m = m.astype(jnp.float32)
-    if not normalize:
-        return m
-    return core.normalize_map(m, _INPUT_NORM[method]) if method != "fullgrad" else core.minmax(m)
+    if spec.level == "last_stage":
+        return core.finish_cams([spec.resolve()(ex, x, targets)], size, normalize)
+    if spec.is_cam:
+        return core.finish_cams([_stage_map(spec, ex, x, targets, s, opts) for s in stages], size, normalize)
+    m = spec.resolve()(ex, x, targets, **opts).astype(jnp.float32)
+    return core.normalize_map(m, spec.input_norm) if normalize else m
 
 
 @functools.lru_cache(maxsize=128)
-def _compiled(method: str, model: Any, stages: tuple[str, ...], static: tuple, normalize: bool, use_jit: bool):
-    """The (jitted) map function for one static configuration, cached."""
+def _compiled(
+    method: str, model: Any, stages: tuple[str, ...], static: tuple, normalize: bool, use_jit: bool
+) -> Callable[..., jax.Array]:
+    """The (jitted) map function ``(variables, x, targets, scorer, dynamic) -> (B, *S)`` of one static configuration, cached."""
+    spec = registry.get(method)
 
-    def fn(variables, x, targets, scorer, dynamic):
-        return _raw(method, model, stages, static, variables, x, targets, scorer, dynamic, normalize)
+    def fn(variables: Any, x: jax.Array, targets: jax.Array | None, scorer: core.Scorer,
+           dynamic: dict[str, Any]) -> jax.Array:
+        ex = core.Explainer(model, variables, scorer)
+        return _raw(spec, ex, stages, {**dict(static), **dynamic}, x, targets, normalize)
 
     return jax.jit(fn) if use_jit else fn
 
@@ -162,67 +100,70 @@ def saliency(
     plain classifier (``projection=False``) runs every method but ``sc``, whose maps need the
     projection head; its embedding is the pooled features ``(B, c)``.
     """
-    _check_method(method)
-    if method == "sc":
+    spec = registry.get(method)
+    if spec.needs_projection:
         cam.require_projection(model)
     if isinstance(model, models.Model):
         models.check_variables(model, variables)
+    x = _images(images)
+    targets = _targets(targets, x.shape[0])
+    if spec.needs_projection and score == "auto" and target_embedding is None:
+        score = "gei"
+    scorer = core.make_scorer(model, x.shape[0], score=score, global_emb=global_emb,
+                              target_embedding=target_embedding, tau=tau)
+    if scorer.kind == "embedding" and targets is not None and bool(jnp.any(targets != 0)):
+        raise ValueError("an embedding-similarity target has a single output: targets must be None or 0")
+    stages = _stages(spec, model, stage, scorer)
+    static, dynamic = _options(spec, x, options)
+    fn = _compiled(method, model, stages, static, bool(normalize), bool(jit))
+    return fn(variables, x, targets, scorer, dynamic)
+
+
+def _images(images: Any) -> jax.Array:
+    """``images`` as a float array ``(B, *S, C)`` with ``B >= 1``; ``ValueError`` otherwise."""
     x = jnp.asarray(images)
     if x.ndim < 3:
         raise ValueError(f"images must have shape (B, H, W, C), got {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"images must be float model inputs (normalised), got dtype {x.dtype}")
-    batch = x.shape[0]
-    if batch < 1:
+    if x.shape[0] < 1:
         raise ValueError("images is an empty batch")
-    if targets is not None:
-        t = jnp.asarray(targets)
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, (batch,))
-        if t.shape != (batch,) or not jnp.issubdtype(t.dtype, jnp.integer):
-            raise ValueError(f"targets must be integer class indices of shape ({batch},), got {t.dtype} {t.shape}")
-        targets = t.astype(jnp.int32)
-    scorer = core.make_scorer(model, batch, score=("gei" if method == "sc" and score == "auto"
-                                                   and target_embedding is None else score),
-                              global_emb=global_emb, target_embedding=target_embedding, tau=tau)
-    if scorer.kind == "embedding" and targets is not None and bool(jnp.any(targets != 0)):
-        raise ValueError("an embedding-similarity target has a single output: targets must be None or 0")
-    stages = core.resolve_stages(model, stage)
-    if method == "sc":
-        last = core.resolve_stages(model, "last")
-        if stage not in ("last", None) and stages != last:
-            raise ValueError(f"the SC maps exist only at the last stage {last[0]!r}, got stage={stage!r}")
-        if scorer.kind == "embedding":
-            raise ValueError("method 'sc' explains classes via global_emb; an embedding target is not supported")
+    return x
 
-    allowed = _OPTIONS.get(method, {})
-    unknown = set(options) - set(allowed)
+
+def _targets(targets: jax.Array | Sequence[int] | int | None, batch: int) -> jax.Array | None:
+    """``targets`` as int32 ``(B,)`` (a scalar is broadcast), or None."""
+    if targets is None:
+        return None
+    t = jnp.asarray(targets)
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, (batch,))
+    if t.shape != (batch,) or not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer class indices of shape ({batch},), got {t.dtype} {t.shape}")
+    return t.astype(jnp.int32)
+
+
+def _stages(spec: MethodSpec, model: Any, stage: str | Sequence[str], scorer: core.Scorer) -> tuple[str, ...]:
+    """The resolved stages; a last-stage method (``sc``) refuses other stages and embedding targets."""
+    stages = core.resolve_stages(model, stage)
+    if spec.level != "last_stage":
+        return stages
+    last = core.resolve_stages(model, "last")
+    if stage not in ("last", None) and stages != last:
+        raise ValueError(f"the SC maps exist only at the last stage {last[0]!r}, got stage={stage!r}")
+    if scorer.kind == "embedding":
+        raise ValueError(f"method {spec.name!r} explains classes via global_emb; an embedding target is not supported")
+    return stages
+
+
+def _options(spec: MethodSpec, x: jax.Array, options: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``(static options as sorted hashable pairs, dynamic arrays)`` of a call; ``TypeError`` on unknown ones."""
+    unknown = set(options) - set(spec.options)
     if unknown:
-        raise TypeError(f"method {method!r} got unknown options {sorted(unknown)}; it accepts {sorted(allowed) or 'none'}")
-    opts = {**allowed, **options}
+        raise TypeError(f"method {spec.name!r} got unknown options {sorted(unknown)}; "
+                        f"it accepts {sorted(spec.options) or 'none'}")
+    opts = {**spec.options, **options}
     dynamic: dict[str, Any] = {}
-    if method == "superpixel":
-        segments = opts.pop("segments")
-        n_seg, comp, sig = opts.pop("n_segments"), opts.pop("compactness"), opts.pop("slic_sigma")
-        if segments is None:
-            try:
-                host = np.asarray(x)
-            except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-                raise ValueError(
-                    "superpixel under jit/grad needs precomputed segments= (SLIC runs on the host); "
-                    "see explain.slic_segments"
-                ) from None
-            segments = perturbation.slic_segments(host, n_seg, comp, sig)
-        seg = np.asarray(segments)
-        if seg.shape != x.shape[:-1] or not np.issubdtype(seg.dtype, np.integer) or seg.min() < 0:
-            raise ValueError(f"segments must be non-negative integer labels of shape {x.shape[:-1]}, got {seg.dtype} {seg.shape}")
-        opts["num_segments"] = int(seg.max()) + 1
-        dynamic["segments"] = jnp.asarray(seg, jnp.int32)
-    elif method == "smoothgrad":
-        rng = opts.pop("rng")
-        dynamic["rng"] = jax.random.key(0) if rng is None else rng
-    elif method == "integrated_gradients":
-        dynamic["baseline"] = jnp.asarray(opts.pop("baseline"), x.dtype)
-    static = tuple(sorted((k, _hashable(v)) for k, v in opts.items()))
-    fn = _compiled(method, model, stages, static, bool(normalize), bool(jit))
-    return fn(variables, x, targets, scorer, dynamic)
+    if spec.prepare is not None:
+        opts, dynamic = spec.resolve(spec.prepare)(x, opts)
+    return tuple(sorted((k, _hashable(v)) for k, v in opts.items())), dynamic

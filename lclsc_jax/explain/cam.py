@@ -7,60 +7,112 @@ Weightings follow pytorch-grad-cam 1.5.7 exactly (see docs/explain.md for the fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lclsc_jax.explain import core
+from lclsc_jax.explain import core, registry
+from lclsc_jax.explain.core import Explainer
 from lclsc_jax.method import class_saliency_maps
 
-GRADIENT_CAMS = ("gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "gradcam_elementwise")
+GRADIENT_CAMS = registry.GRADIENT_CAMS
+CamWeights = Callable[[jax.Array, jax.Array], jax.Array]  # (acts, grads) (B, *s, c) -> weights
+
+
+# ----------------------------------------------------------------------------- gradient CAMs
+
+
+def gradients_at(
+    ex: Explainer, x: jax.Array, targets: jax.Array | None, stage: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(activations (B, *s, c), d score / d activations (B, *s, c), targets (B,))`` of one stage."""
+    acts, out = ex.stage(x, stage)
+    batch = x.shape[0]
+    tgt = ex.targets(out, targets, batch)
+
+    def total(a: jax.Array) -> jax.Array:
+        # Inference mode: every sample's score depends only on its own activations.
+        return jnp.sum(ex.score(ex.run_from(a, stage), (batch,), tgt))
+
+    return acts, jax.grad(total)(acts), tgt
 
 
 def stage_gradients(
     model: Any, variables: Any, scorer: core.Scorer, x: jax.Array, targets: jax.Array | None, stage: str
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(activations (B, *s, c), d score / d activations (B, *s, c), targets (B,))`` of one stage."""
-    feats, out = core.stage_features(model, variables, x, (stage,))
-    acts = feats[stage]
-    batch = x.shape[0]
-    tgt = core.resolve_targets(scorer.outputs(out, (batch,)), targets)
+    """:func:`gradients_at` of ``Explainer(model, variables, scorer)``: ``(acts, grads, targets)``."""
+    return gradients_at(Explainer(model, variables, scorer), x, targets, stage)
 
-    def total(a: jax.Array) -> jax.Array:
-        # Inference mode: every sample's score depends only on its own activations.
-        return jnp.sum(core.select(scorer.outputs(core.run_from(model, variables, a, stage), (batch,)), tgt))
 
-    return acts, jax.grad(total)(acts), tgt
+def weighted_sum(cam_weights: CamWeights, acts: jax.Array, grads: jax.Array) -> jax.Array:
+    """Raw map ``(B, *s)`` = ``sum_c cam_weights(acts, grads) * acts`` for ``acts, grads (B, *s, c)``."""
+    acts = acts.astype(jnp.float32)
+    return jnp.sum(cam_weights(acts, grads.astype(jnp.float32)) * acts, axis=-1)
+
+
+def gradient_cam_map(
+    ex: Explainer, x: jax.Array, targets: jax.Array | None, stage: str, cam_weights: CamWeights
+) -> jax.Array:
+    """Raw map ``(B, *s)`` of the gradient CAM with weights ``cam_weights`` at ``stage``."""
+    acts, grads, _ = gradients_at(ex, x, targets, stage)
+    return weighted_sum(cam_weights, acts, grads)
 
 
 def gradient_cam(method: str, acts: jax.Array, grads: jax.Array) -> jax.Array:
-    """Raw map ``(B, *s)`` of a gradient-weighted CAM from ``acts, grads (B, *s, c)``."""
-    acts = acts.astype(jnp.float32)
-    grads = grads.astype(jnp.float32)
+    """Raw map ``(B, *s)`` of the gradient CAM named ``method`` from ``acts, grads (B, *s, c)``."""
+    spec = registry.get(method)
+    if spec.level != "gradient_cam":
+        raise ValueError(f"unknown gradient CAM {method!r}; expected one of {GRADIENT_CAMS}")
+    return weighted_sum(spec.resolve(), acts, grads)
+
+
+def gradcam_weights(acts: jax.Array, grads: jax.Array) -> jax.Array:
+    """Grad-CAM: spatial mean of the gradients, ``(B, *s, c) -> (B, 1.., c)``."""
+    return jnp.mean(grads, axis=core.spatial_axes(acts), keepdims=True)
+
+
+def hirescam_weights(acts: jax.Array, grads: jax.Array) -> jax.Array:
+    """HiResCAM: the gradients themselves, element-wise, ``(B, *s, c)``."""
+    return grads
+
+
+def elementwise_weights(acts: jax.Array, grads: jax.Array) -> jax.Array:
+    """Grad-CAM element-wise: gradients where ``g * A > 0`` (so ``w * A = relu(g * A)``), ``(B, *s, c)``."""
+    return jnp.where(grads * acts > 0, grads, 0.0)
+
+
+def layercam_weights(acts: jax.Array, grads: jax.Array) -> jax.Array:
+    """LayerCAM: the positive gradients, element-wise, ``(B, *s, c)``."""
+    return jnp.maximum(grads, 0.0)
+
+
+def xgradcam_weights(acts: jax.Array, grads: jax.Array) -> jax.Array:
+    """XGrad-CAM: ``sum_s g A / (sum_s A + 1e-7)``, ``(B, *s, c) -> (B, 1.., c)``."""
     ax = core.spatial_axes(acts)
-    if method == "gradcam":
-        w = jnp.mean(grads, axis=ax, keepdims=True)
-        return jnp.sum(w * acts, axis=-1)
-    if method == "hirescam":
-        return jnp.sum(grads * acts, axis=-1)
-    if method == "gradcam_elementwise":
-        return jnp.sum(jnp.maximum(grads * acts, 0.0), axis=-1)
-    if method == "layercam":
-        return jnp.sum(jnp.maximum(grads, 0.0) * acts, axis=-1)
-    if method == "xgradcam":
-        s = jnp.sum(acts, axis=ax, keepdims=True)
-        w = jnp.sum(grads * acts / (s + 1e-7), axis=ax, keepdims=True)
-        return jnp.sum(w * acts, axis=-1)
-    if method == "gradcam++":
-        g2 = grads * grads
-        g3 = g2 * grads
-        s = jnp.sum(acts, axis=ax, keepdims=True)
-        alpha = g2 / (2.0 * g2 + s * g3 + 1e-6)
-        alpha = jnp.where(grads != 0, alpha, 0.0)
-        w = jnp.sum(jnp.maximum(grads, 0.0) * alpha, axis=ax, keepdims=True)
-        return jnp.sum(w * acts, axis=-1)
-    raise ValueError(f"unknown gradient CAM {method!r}; expected one of {GRADIENT_CAMS}")
+    s = jnp.sum(acts, axis=ax, keepdims=True)
+    return jnp.sum(grads * acts / (s + 1e-7), axis=ax, keepdims=True)
+
+
+def gradcam_plus_plus_weights(acts: jax.Array, grads: jax.Array) -> jax.Array:
+    """Grad-CAM++: ``sum_s relu(g) g^2 / (2 g^2 + sum_s(A) g^3 + 1e-6)``, ``(B, *s, c) -> (B, 1.., c)``."""
+    ax = core.spatial_axes(acts)
+    g2 = grads * grads
+    g3 = g2 * grads
+    s = jnp.sum(acts, axis=ax, keepdims=True)
+    alpha = g2 / (2.0 * g2 + s * g3 + 1e-6)
+    alpha = jnp.where(grads != 0, alpha, 0.0)
+    return jnp.sum(jnp.maximum(grads, 0.0) * alpha, axis=ax, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- other stage methods
+
+
+def eigen_cam_map(ex: Explainer, x: jax.Array, targets: jax.Array | None, stage: str) -> jax.Array:
+    """Eigen-CAM raw map ``(B, *s)`` of ``stage`` (class-agnostic: ``targets`` unused)."""
+    acts, _ = ex.stage(x, stage)
+    return eigen_cam(acts)
 
 
 def eigen_cam(acts: jax.Array) -> jax.Array:
@@ -82,9 +134,7 @@ def eigen_cam(acts: jax.Array) -> jax.Array:
 
 
 def score_cam(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     stage: str,
@@ -95,11 +145,11 @@ def score_cam(
     ``mask_k`` = channel ``k`` upsampled to the input size (bilinear, align_corners as torch's
     ``UpsamplingBilinear2d``), min-max scaled to [0, 1]. Evaluated in chunks of channels.
     """
-    feats, out = core.stage_features(model, variables, x, (stage,))
-    acts = jax.lax.stop_gradient(feats[stage]).astype(jnp.float32)
+    acts, out = ex.stage(x, stage)
+    acts = jax.lax.stop_gradient(acts).astype(jnp.float32)
     batch, num_ch = acts.shape[0], acts.shape[-1]
     size = x.shape[1:-1]
-    tgt = core.resolve_targets(scorer.outputs(out, (batch,)), targets)
+    tgt = ex.targets(out, targets, batch)
     acts_cf = jnp.moveaxis(acts, -1, 1)  # (B, c, *s)
     k = core.per_chunk(chunk_size, batch)
 
@@ -111,8 +161,8 @@ def score_cam(
         hi = jnp.max(m, axis=ax, keepdims=True)
         m = (m - lo) / (hi - lo + 1e-8)
         xs = x[:, None] * m[..., None]  # (B, k, *S, C)
-        o = core.forward(model, variables, xs.reshape((-1,) + xs.shape[2:]))
-        s = core.select(scorer.outputs(o, (batch, idx.shape[0])), tgt)  # (B, k)
+        o = ex.forward(xs.reshape((-1,) + xs.shape[2:]))
+        s = ex.score(o, (batch, idx.shape[0]), tgt)  # (B, k)
         return s.T
 
     s = core.chunked(scores, num_ch, k).T  # (B, c)
@@ -121,9 +171,7 @@ def score_cam(
 
 
 def ablation_cam(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     stage: str,
@@ -133,10 +181,10 @@ def ablation_cam(
 
     Only the network after ``stage`` is re-run, from the cached activations, in chunks.
     """
-    feats, out = core.stage_features(model, variables, x, (stage,))
-    acts = jax.lax.stop_gradient(feats[stage])
+    acts, out = ex.stage(x, stage)
+    acts = jax.lax.stop_gradient(acts)
     batch, num_ch = acts.shape[0], acts.shape[-1]
-    outputs = scorer.outputs(out, (batch,))
+    outputs = ex.outputs(out, (batch,))
     tgt = core.resolve_targets(outputs, targets)
     y = core.select(outputs, tgt)  # (B,)
     k = core.per_chunk(chunk_size, batch)
@@ -144,8 +192,8 @@ def ablation_cam(
     def scores(idx: jax.Array) -> jax.Array:
         keep = (jnp.arange(num_ch)[None, :] != idx[:, None]).astype(acts.dtype)  # (k, c)
         a = acts[:, None] * keep.reshape((1, idx.shape[0]) + (1,) * (acts.ndim - 2) + (num_ch,))
-        o = core.run_from(model, variables, a.reshape((-1,) + acts.shape[1:]), stage)
-        return core.select(scorer.outputs(o, (batch, idx.shape[0])), tgt).T  # (k, B)
+        o = ex.run_from(a.reshape((-1,) + acts.shape[1:]), stage)
+        return ex.score(o, (batch, idx.shape[0]), tgt).T  # (k, B)
 
     y_k = core.chunked(scores, num_ch, k).T  # (B, c)
     w = (y[:, None] - y_k) / y[:, None]
@@ -153,9 +201,7 @@ def ablation_cam(
 
 
 def crm(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     stage: str,
@@ -171,8 +217,8 @@ def crm(
     """
     if crm_output not in ("probs", "scores"):
         raise ValueError(f"crm_output must be 'probs' or 'scores', got {crm_output!r}")
-    feats, out = core.stage_features(model, variables, x, (stage,))
-    acts = jax.lax.stop_gradient(feats[stage])
+    acts, out = ex.stage(x, stage)
+    acts = jax.lax.stop_gradient(acts)
     batch = acts.shape[0]
     spatial = acts.shape[1:-1]
     n_loc = 1
@@ -180,13 +226,13 @@ def crm(
         n_loc *= v
 
     def outs(o: dict, lead: tuple[int, ...]) -> jax.Array:
-        y = scorer.outputs(o, lead)
+        y = ex.outputs(o, lead)
         if crm_output == "probs" and y.shape[-1] > 1:
             y = jax.nn.softmax(y, axis=-1)
         return y
 
     y0 = outs(out, (batch,))  # (B, K)
-    tgt = core.resolve_targets(scorer.outputs(out, (batch,)), targets)
+    tgt = ex.targets(out, targets, batch)
     d = jax.nn.one_hot(tgt, y0.shape[-1], dtype=y0.dtype)  # (B, K)
     err0 = jnp.sum(jnp.square(d - y0), axis=-1)  # (B,)
     k = core.per_chunk(chunk_size, batch)
@@ -195,7 +241,7 @@ def crm(
         keep = (jnp.arange(n_loc)[None, :] != idx[:, None]).astype(acts.dtype)  # (k, n)
         keep = keep.reshape((1, idx.shape[0]) + spatial + (1,))
         a = acts[:, None] * keep  # (B, k, *s, c)
-        o = core.run_from(model, variables, a.reshape((-1,) + acts.shape[1:]), stage)
+        o = ex.run_from(a.reshape((-1,) + acts.shape[1:]), stage)
         y = outs(o, (batch, idx.shape[0]))  # (B, k, K)
         return jnp.sum(jnp.square(d[:, None] - y), axis=-1).T  # (k, B)
 
@@ -215,15 +261,12 @@ def require_projection(model: Any) -> None:
         )
 
 
-def sc_map(
-    model: Any, variables: Any, scorer: core.Scorer, x: jax.Array, targets: jax.Array | None
-) -> jax.Array:
+def sc_map(ex: Explainer, x: jax.Array, targets: jax.Array | None) -> jax.Array:
     """LCL-SC saliency map of the target class: ``cos(g(F_l), G_c)`` per location, ``(B, h, w)``."""
-    require_projection(model)
-    if scorer.global_emb is None:
+    require_projection(ex.model)
+    if ex.scorer.global_emb is None:
         raise ValueError("the SC maps need the global class embeddings: pass global_emb=(C, D)")
-    out = core.forward(model, variables, x)
-    batch = x.shape[0]
-    tgt = core.resolve_targets(scorer.outputs(out, (batch,)), targets)
-    maps = class_saliency_maps(out["local_embedding"], scorer.global_emb)  # (B, h, w, C)
+    out = ex.forward(x)
+    tgt = ex.targets(out, targets, x.shape[0])
+    maps = class_saliency_maps(out["local_embedding"], ex.scorer.global_emb)  # (B, h, w, C)
     return core.select(maps, tgt)

@@ -9,6 +9,7 @@ so the same code serves 3D feature maps. Models follow the :mod:`lclsc_jax.model
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,6 +151,40 @@ def stage_features(model: Any, variables: Any, x: jax.Array, stages: Sequence[st
     out = forward(model, variables, x)
     feats = {s: (x if s == INPUT else out["features"][s]) for s in stages}
     return feats, out
+
+
+@dataclasses.dataclass(frozen=True)
+class Explainer:
+    """What every method needs: the model, its variables and the :class:`Scorer` of what is explained."""
+
+    model: Any
+    variables: Any
+    scorer: Scorer
+
+    def forward(self, x: jax.Array) -> dict[str, Any]:
+        """Inference forward ``x (B, *S, C)`` -> the model's output dict."""
+        return forward(self.model, self.variables, x)
+
+    def run_from(self, feats: jax.Array, stage: str) -> dict[str, Any]:
+        """Resume the network after ``stage`` from ``feats (N, *s, c)`` -> output dict."""
+        return run_from(self.model, self.variables, feats, stage)
+
+    def stage(self, x: jax.Array, stage: str) -> tuple[jax.Array, dict[str, Any]]:
+        """``(activations (B, *s, c) of stage, full output dict)`` of one forward."""
+        feats, out = stage_features(self.model, self.variables, x, (stage,))
+        return feats[stage], out
+
+    def outputs(self, out: dict[str, Any], lead: tuple[int, ...]) -> jax.Array:
+        """All output scores ``lead + (K,)`` of an output dict of ``prod(lead)`` samples."""
+        return self.scorer.outputs(out, lead)
+
+    def score(self, out: dict[str, Any], lead: tuple[int, ...], tgt: jax.Array) -> jax.Array:
+        """The target score ``lead`` (batch-major, ``tgt (B,)``) of an output dict."""
+        return select(self.scorer.outputs(out, lead), tgt)
+
+    def targets(self, out: dict[str, Any], targets: jax.Array | None, batch: int) -> jax.Array:
+        """``targets (B,)`` int32, or the predicted class of the output dict ``out`` of ``B`` samples."""
+        return resolve_targets(self.scorer.outputs(out, (batch,)), targets)
 
 
 def resolve_stages(model: Any, stage: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lclsc_jax.explain import core
+from lclsc_jax.explain.core import Explainer
 
 
 def _bias_layer(module: nn.Module) -> str | None:
@@ -94,23 +95,21 @@ def _channel_minmax_sum(m: jax.Array) -> jax.Array:
     return jnp.sum(core.minmax(m, n_lead=2), axis=1)
 
 
-def fullgrad(
-    model: Any, variables: Any, scorer: core.Scorer, x: jax.Array, targets: jax.Array | None
-) -> jax.Array:
+def fullgrad(ex: Explainer, x: jax.Array, targets: jax.Array | None) -> jax.Array:
     """FullGrad raw map ``(B, *S)`` (non-negative, un-normalised sum of all terms).
 
     ``sum_channels norm|x * dS/dx| + sum_layers upsample(sum_channels norm|b * dS/dy_layer|)``
     with ``norm`` a per-channel min-max, as pytorch-grad-cam's ``FullGrad``.
     """
+    model, variables = ex.model, ex.variables
     layers = bias_layers(model, variables, x)
     batch = x.shape[0]
     size = x.shape[1:-1]
-    tgt = core.resolve_targets(scorer.outputs(core.forward(model, variables, x), (batch,)), targets)
+    tgt = ex.targets(ex.forward(x), targets, batch)
     deltas0 = {k: jnp.zeros(v[3].shape, jnp.float32) for k, v in layers.items()}
 
     def total(xx: jax.Array, deltas: dict) -> jax.Array:
-        out = _forward_with_deltas(model, variables, xx, deltas, None)
-        return jnp.sum(core.select(scorer.outputs(out, (batch,)), tgt))
+        return jnp.sum(ex.score(_forward_with_deltas(model, variables, xx, deltas, None), (batch,), tgt))
 
     gx, gd = jax.grad(total, argnums=(0, 1))(x, deltas0)
     result = _channel_minmax_sum(jnp.abs(x.astype(jnp.float32) * gx.astype(jnp.float32)))

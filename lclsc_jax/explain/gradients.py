@@ -6,15 +6,17 @@ maps take their absolute value and min-max them (see docs/explain.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lclsc_jax.explain import core
+from lclsc_jax.explain.core import Explainer
 
 
-def _grad_fn(model: Any, variables: Any, scorer: core.Scorer, tgt: jax.Array, k: int = 1):
+def _grad_fn(ex: Explainer, tgt: jax.Array, k: int = 1) -> Callable[[jax.Array], jax.Array]:
     """``x (B * k, *S, C)`` (batch-major: ``k`` variants of each image) ``-> dS_target/dx``.
 
     Samples are independent in inference mode, so the gradient of the summed scores is the
@@ -24,26 +26,30 @@ def _grad_fn(model: Any, variables: Any, scorer: core.Scorer, tgt: jax.Array, k:
     lead = (batch,) if k == 1 else (batch, k)
 
     def total(x: jax.Array) -> jax.Array:
-        out = core.forward(model, variables, x)
-        return jnp.sum(core.select(scorer.outputs(out, lead), tgt))
+        return jnp.sum(ex.score(ex.forward(x), lead, tgt))
 
     return jax.grad(total)
 
 
-def _targets(model, variables, scorer, x, targets):
-    return core.resolve_targets(scorer.outputs(core.forward(model, variables, x), (x.shape[0],)), targets)
+def _targets(ex: Explainer, x: jax.Array, targets: jax.Array | None) -> jax.Array:
+    """``targets (B,)``, or the predicted classes of ``x (B, *S, C)``."""
+    return ex.targets(ex.forward(x), targets, x.shape[0])
 
 
-def gradient(model: Any, variables: Any, scorer: core.Scorer, x: jax.Array, targets: jax.Array | None) -> jax.Array:
+def gradient(ex: Explainer, x: jax.Array, targets: jax.Array | None) -> jax.Array:
     """Vanilla gradient (Simonyan et al. 2014): channel sum of ``dS/dx``, ``(B, *S)``."""
-    tgt = _targets(model, variables, scorer, x, targets)
-    return jnp.sum(_grad_fn(model, variables, scorer, tgt)(x).astype(jnp.float32), axis=-1)
+    tgt = _targets(ex, x, targets)
+    return jnp.sum(_grad_fn(ex, tgt)(x).astype(jnp.float32), axis=-1)
+
+
+def prepare_smoothgrad(x: jax.Array, opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``rng`` (default ``key(0)``) becomes the dynamic ``key``: ``(static options, {"key": key})``."""
+    rng = opts.pop("rng")
+    return opts, {"key": jax.random.key(0) if rng is None else rng}
 
 
 def smoothgrad(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     key: jax.Array,
@@ -57,7 +63,7 @@ def smoothgrad(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    tgt = _targets(model, variables, scorer, x, targets)
+    tgt = _targets(ex, x, targets)
     batch = x.shape[0]
     ax = tuple(range(1, x.ndim))
     sigma = noise_level * (jnp.max(x, axis=ax, keepdims=True) - jnp.min(x, axis=ax, keepdims=True))
@@ -67,17 +73,20 @@ def smoothgrad(
         k = idx.shape[0]
         noise = jax.vmap(lambda kk: jax.random.normal(kk, x.shape, jnp.float32))(keys[idx])  # (k, B, ...)
         xs = (x[:, None] + sigma[:, None] * jnp.swapaxes(noise, 0, 1)).astype(x.dtype)  # (B, k, ...)
-        g = _grad_fn(model, variables, scorer, tgt, k)(xs.reshape((batch * k,) + x.shape[1:]))
+        g = _grad_fn(ex, tgt, k)(xs.reshape((batch * k,) + x.shape[1:]))
         return jnp.swapaxes(g.reshape((batch, k) + x.shape[1:]), 0, 1).astype(jnp.float32)
 
     total = core.chunked_sum(grads, num_samples, core.per_chunk(chunk_size, batch))
     return jnp.sum(total, axis=-1) / num_samples
 
 
+def prepare_integrated_gradients(x: jax.Array, opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``baseline`` (a number or an array broadcastable to ``x``) becomes a dynamic array of ``x``'s dtype."""
+    return opts, {"baseline": jnp.asarray(opts.pop("baseline"), x.dtype)}
+
+
 def integrated_gradients(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     baseline: jax.Array | float = 0.0,
@@ -91,7 +100,7 @@ def integrated_gradients(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    tgt = _targets(model, variables, scorer, x, targets)
+    tgt = _targets(ex, x, targets)
     batch = x.shape[0]
     x0 = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
     diff = x - x0
@@ -100,7 +109,7 @@ def integrated_gradients(
         k = idx.shape[0]
         alpha = ((idx.astype(jnp.float32) + 0.5) / steps).reshape((1, k) + (1,) * (x.ndim - 1))
         xs = (x0[:, None] + alpha * diff[:, None]).astype(x.dtype)  # (B, k, ...)
-        g = _grad_fn(model, variables, scorer, tgt, k)(xs.reshape((batch * k,) + x.shape[1:]))
+        g = _grad_fn(ex, tgt, k)(xs.reshape((batch * k,) + x.shape[1:]))
         return jnp.swapaxes(g.reshape((batch, k) + x.shape[1:]), 0, 1).astype(jnp.float32)
 
     mean_grad = core.chunked_sum(grads, steps, core.per_chunk(chunk_size, batch)) / steps

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lclsc_jax.explain import core
+from lclsc_jax.explain.core import Explainer
 
 
 def _fill_values(x: jax.Array, fill: float | str) -> jax.Array:
@@ -61,9 +62,7 @@ def occlusion_windows(spatial: Sequence[int], patch: int | Sequence[int], stride
 
 
 def _region_drops(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     mask_fn: Callable[[jax.Array], jax.Array],
@@ -73,8 +72,7 @@ def _region_drops(
 ) -> jax.Array:
     """``sum_r drop_r * mask_r``: ``(B, *S)`` over ``n`` regions; ``mask_fn(idx (k,)) -> (k, B, *S)`` bool."""
     batch = x.shape[0]
-    out = core.forward(model, variables, x)
-    outputs = scorer.outputs(out, (batch,))
+    outputs = ex.outputs(ex.forward(x), (batch,))
     tgt = core.resolve_targets(outputs, targets)
     s0 = core.select(outputs, tgt)  # (B,)
     fillv = _fill_values(x, fill)
@@ -83,8 +81,8 @@ def _region_drops(
         k = idx.shape[0]
         m = jnp.swapaxes(mask_fn(idx), 0, 1)  # (B, k, *S): batch-major, as the scorer expects
         xs = jnp.where(m[..., None], fillv[:, None] if fillv.ndim else fillv, x[:, None])  # (B, k, *S, C)
-        o = core.forward(model, variables, xs.reshape((batch * k,) + x.shape[1:]))
-        drop = s0[:, None] - core.select(scorer.outputs(o, (batch, k)), tgt)  # (B, k)
+        o = ex.forward(xs.reshape((batch * k,) + x.shape[1:]))
+        drop = s0[:, None] - ex.score(o, (batch, k), tgt)  # (B, k)
         contrib = drop.reshape((batch, k) + (1,) * (x.ndim - 2)) * m.astype(jnp.float32)
         return jnp.swapaxes(contrib, 0, 1)  # (k, B, *S)
 
@@ -92,9 +90,7 @@ def _region_drops(
 
 
 def occlusion(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     patch_size: int | Sequence[int] | None = None,
@@ -121,7 +117,7 @@ def occlusion(
         m = wins_j[idx]
         return jnp.broadcast_to(m[:, None], (idx.shape[0], batch) + m.shape[1:])
 
-    total = _region_drops(model, variables, scorer, x, targets, mask_fn, len(wins), fill, chunk_size)
+    total = _region_drops(ex, x, targets, mask_fn, len(wins), fill, chunk_size)
     return total / jnp.asarray(np.maximum(count, 1.0))
 
 
@@ -150,10 +146,27 @@ def slic_segments(
     return np.stack(out)
 
 
+def prepare_superpixel(x: jax.Array, opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SLIC ``segments (B, *S)`` on the host unless given: ``(options + num_segments, {"segments": ...})``."""
+    segments = opts.pop("segments")
+    n_seg, comp, sig = opts.pop("n_segments"), opts.pop("compactness"), opts.pop("slic_sigma")
+    if segments is None:
+        try:
+            host = np.asarray(x)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            raise ValueError(
+                "superpixel under jit/grad needs precomputed segments= (SLIC runs on the host); "
+                "see explain.slic_segments"
+            ) from None
+        segments = slic_segments(host, n_seg, comp, sig)
+    seg = np.asarray(segments)
+    if seg.shape != x.shape[:-1] or not np.issubdtype(seg.dtype, np.integer) or seg.min() < 0:
+        raise ValueError(f"segments must be non-negative integer labels of shape {x.shape[:-1]}, got {seg.dtype} {seg.shape}")
+    return {**opts, "num_segments": int(seg.max()) + 1}, {"segments": jnp.asarray(seg, jnp.int32)}
+
+
 def superpixel(
-    model: Any,
-    variables: Any,
-    scorer: core.Scorer,
+    ex: Explainer,
     x: jax.Array,
     targets: jax.Array | None,
     segments: jax.Array,
@@ -170,4 +183,4 @@ def superpixel(
     def mask_fn(idx: jax.Array) -> jax.Array:
         return segments[None] == idx.reshape((-1,) + (1,) * segments.ndim)
 
-    return _region_drops(model, variables, scorer, x, targets, mask_fn, num_segments, fill, chunk_size)
+    return _region_drops(ex, x, targets, mask_fn, num_segments, fill, chunk_size)
