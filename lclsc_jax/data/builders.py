@@ -331,9 +331,13 @@ def _content_hash(records, class_names, image_size: int, channels: int, source: 
 
 
 def load_user(
-    source: str | os.PathLike, image_size: int, channels: int, cache_dir: str | os.PathLike
+    source: str | os.PathLike, image_size: int, channels: int, cache_dir: str | os.PathLike,
+    allow_outside_root: bool = False,
 ) -> Dataset:
-    """Build (once per content) and open a dataset from a folder or CSV manifest."""
+    """Build (once per content) and open a dataset from a folder or CSV manifest.
+
+    A manifest naming files outside its folder is refused unless ``allow_outside_root``.
+    """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     src = Path(source)
@@ -341,6 +345,8 @@ def load_user(
         class_names, records = data_io.scan_folder(src)
     elif src.suffix.lower() == ".csv":
         class_names, records = data_io.read_manifest(src)
+        if not allow_outside_root:
+            data_io.check_inside_root(src, records)
     else:
         raise data_io.DataError(f"{src}: not a folder or a .csv manifest (or 'synthetic')")
     has_masks = any(r.mask is not None for r in records)
@@ -392,12 +398,14 @@ def load(
     channels: int = 1,
     cache_dir: str | os.PathLike | None = None,
     synthetic: SyntheticConfig | None = None,
+    allow_outside_root: bool = False,
 ) -> Dataset:
     """Build once (cached array_record TFDS dataset) and open ``source`` as a Dataset.
 
     ``source``: ``"synthetic"``, a folder ``ROOT/<class>/<patient>/<frame>.<ext>`` or a CSV
     manifest. ``image_size`` defaults to 128 (or to ``synthetic.image_size``); giving both
     with different values is an error. Synthetic images are grayscale (channels=1 only).
+    A CSV manifest's files must lie in its folder unless ``allow_outside_root`` (``../``, absolute paths).
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     if source == "synthetic":
@@ -411,4 +419,4 @@ def load(
         return load_synthetic(cfg, cache_dir)
     if synthetic is not None:
         raise ValueError("`synthetic` config given but source is not 'synthetic'")
-    return load_user(source, image_size or 128, channels, cache_dir)
+    return load_user(source, image_size or 128, channels, cache_dir, allow_outside_root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,16 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MANIFEST_COLUMNS = ("path", "label", "patient")
 OPTIONAL_COLUMNS = ("mask", "split", "sequence", "frame", "diagnostic")
 SPLIT_NAMES = ("train", "val", "test")
+MIN_IMAGE_SIZE = 4  # pixels per side; smaller files are icons or export mistakes, not frames
 _TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file (and CSV row) at fault."""
+
+
+class DataWarning(UserWarning):
+    """Input data that was read, but not all of it or not as a user might expect."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +114,19 @@ def _resize(x: np.ndarray, size: int, resample: int) -> np.ndarray:
     return np.asarray(Image.fromarray(x, mode="F").resize((size, size), resample=resample))
 
 
+def _check_min_size(arr: np.ndarray, path: str) -> np.ndarray:
+    """``arr`` itself, or a ``DataError`` when a side is below :data:`MIN_IMAGE_SIZE` pixels."""
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIZE:
+        raise DataError(f"{path}: image is {w}x{h} px, below the minimum of {MIN_IMAGE_SIZE} px per side "
+                        "(a thumbnail or an export mistake? remove it from the data)")
+    return arr
+
+
 def load_image_file(path: str | os.PathLike, image_size: int, channels: int = 1) -> np.ndarray:
     """Read and convert one image file to uint8 (image_size, image_size, channels)."""
     p = str(path)
-    x = _to_channels(_to_unit_float(_read_raw(p), p), channels)
+    x = _to_channels(_to_unit_float(_check_min_size(_read_raw(p), p), p), channels)
     planes = [_resize(x[..., c], image_size, Image.Resampling.BILINEAR) for c in range(x.shape[-1])]
     y = np.stack(planes, axis=-1)
     return np.clip(np.rint(y * 255.0), 0, 255).astype(np.uint8)
@@ -139,20 +154,50 @@ def image_hw(path: str | os.PathLike) -> tuple[int, int]:
     return tuple(_read_raw(path).shape[:2])  # type: ignore[return-value]
 
 
+def _visible(folder: Path, hidden: list[Path]) -> list[Path]:
+    """The sorted entries of ``folder`` whose names do not start with a dot; the others go to ``hidden``."""
+    entries = sorted(folder.iterdir())
+    hidden.extend(e for e in entries if e.name.startswith("."))
+    return [e for e in entries if not e.name.startswith(".")]
+
+
+def _warn_hidden(root: Path, hidden: list[Path]) -> None:
+    """A ``DataWarning`` listing the hidden files and folders (``._x.png``, ``.DS_Store``) that were skipped."""
+    if hidden:
+        shown = ", ".join(str(h.relative_to(root)) for h in hidden[:5]) + (" ..." if len(hidden) > 5 else "")
+        warnings.warn(f"{root}: skipped {len(hidden)} hidden file(s)/folder(s) (names starting with '.', "
+                      f"e.g. macOS '._*' and '.DS_Store'): {shown}", DataWarning, stacklevel=3)
+
+
+def _check_patient_once(patient_dirs: dict[str, Path], pdir: Path) -> None:
+    """Raise ``DataError`` when patient ``pdir.name`` already has a folder under another class."""
+    first = patient_dirs.setdefault(pdir.name, pdir)
+    if first != pdir:
+        raise DataError(f"patient '{pdir.name}' has folders under two classes: {first} and {pdir}; a patient "
+                        "id must be unique across classes (rename one folder if they are different patients)")
+
+
 def scan_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[RecordSpec]]:
-    """List ROOT/<class>/<patient>/<frame>.<ext> files; returns (class_names, records)."""
+    """List ROOT/<class>/<patient>/<frame>.<ext> files; returns (class_names, records).
+
+    Hidden entries (names starting with '.') are skipped with a ``DataWarning``; a patient
+    folder name found under two classes is a ``DataError`` naming both folders.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    hidden: list[Path] = []
+    class_dirs = [d for d in _visible(root, hidden) if d.is_dir()]
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected ROOT/<class>/<patient>/<frame>.png)")
     class_names = tuple(d.name for d in class_dirs)
     records: list[RecordSpec] = []
+    patient_dirs: dict[str, Path] = {}
     for label, cdir in enumerate(class_dirs):
         n_before = len(records)
-        for pdir in sorted(d for d in cdir.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            for f in sorted(pdir.iterdir()):
+        for pdir in (d for d in _visible(cdir, hidden) if d.is_dir()):
+            _check_patient_once(patient_dirs, pdir)
+            for f in _visible(pdir, hidden):
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                     records.append(RecordSpec(str(f), label, pdir.name, where=str(f)))
         if len(records) == n_before:
@@ -160,6 +205,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[RecordSp
                 f"{cdir}: class '{cdir.name}' has no images "
                 f"(expected {cdir}/<patient>/<frame>{{{','.join(IMAGE_EXTENSIONS)}}})"
             )
+    _warn_hidden(root, hidden)
     return class_names, records
 
 
@@ -251,3 +297,20 @@ def read_manifest(
     if empty:
         raise DataError(f"{csv_path}: class(es) {empty} have no images")
     return class_names, records
+
+
+def _inside(path: str, base: Path) -> bool:
+    """Whether ``path`` (made absolute and normalised, links not followed) lies in folder ``base``."""
+    b = os.path.normpath(os.path.abspath(base))
+    return os.path.commonpath([b, os.path.normpath(os.path.abspath(path))]) == b
+
+
+def check_inside_root(csv_path: str | os.PathLike, records: list[RecordSpec]) -> None:
+    """Raise ``DataError`` at the first record whose image or mask leaves the manifest's folder (``../``, absolute)."""
+    base = Path(csv_path).parent
+    for r in records:
+        bad = next((p for p in (r.path, r.mask) if p is not None and not _inside(p, base)), None)
+        if bad is not None:
+            raise DataError(f"{r.where}: '{bad}' is outside the manifest's folder {os.path.abspath(base)}; "
+                            "paths in a manifest are read relative to its folder. To read files elsewhere "
+                            "on purpose, set data.allow_outside_root=true (--set data.allow_outside_root=true)")

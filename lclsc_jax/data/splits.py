@@ -6,7 +6,9 @@ sides; ``check_disjoint`` enforces it and every function here calls it on its re
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,6 +53,30 @@ def check_disjoint(patients, splits: dict[str, np.ndarray]) -> None:
         raise ValueError("patient-wise split violated: " + "; ".join(problems))
 
 
+class SplitWarning(UserWarning):
+    """A split that leaves a class out of validation or test (e.g. a class with a single patient)."""
+
+
+def absent_classes(labels: np.ndarray, idx: np.ndarray, classes: Sequence[int]) -> list[int]:
+    """The ``classes`` with no record among ``idx`` (record indices into ``labels (N,)``)."""
+    present = set(np.asarray(labels)[np.asarray(idx, np.int64)].tolist())
+    return [c for c in classes if c not in present]
+
+
+def _warn_absent(labels: np.ndarray | None, splits: dict[str, np.ndarray], expected: dict[str, bool],
+                 class_names: Sequence[str] | None, why: str) -> None:
+    """A ``SplitWarning`` per split (val, test) that was ``expected`` to hold records but misses some class."""
+    if labels is None:
+        return
+    classes = np.unique(np.asarray(labels)).tolist()
+    for name in ("val", "test"):
+        missing = absent_classes(labels, splits[name], classes) if expected[name] else []
+        if missing:
+            shown = [str(class_names[c]) if class_names is not None else str(c) for c in missing]
+            warnings.warn(f"class(es) {shown} have no {name} records ({why.format(split=name)}): "
+                          f"{name} metrics will not cover them", SplitWarning, stacklevel=3)
+
+
 def _stratified_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
     """(n_val, n_test) patients of one class; at least one each when the class allows it."""
     n_test = int(round(test_fraction * n))
@@ -71,11 +97,14 @@ def patient_split(
     test_fraction: float = 0.2,
     seed: int = 0,
     split_column=None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """{"train","val","test"}: record indices (sorted) by patient, stratified by class.
 
     With ``split_column`` (N,) of "train"/"val"/"test" (a manifest's ``split``), it is used
-    as given, after checking that no patient is in two splits.
+    as given, after checking that no patient is in two splits. A class left out of a val or
+    test split that should hold records (e.g. a class with one patient) gives a ``SplitWarning``
+    naming it (by ``class_names`` when given) and the split.
     """
     patients = np.asarray(patients).astype(str)
     if split_column is not None:
@@ -87,6 +116,8 @@ def patient_split(
             raise ValueError(f"split_column has unknown values {bad}; expected {list(SPLIT_ORDER)}")
         splits = {k: np.flatnonzero(col == k).astype(np.int64) for k in SPLIT_ORDER}
         check_disjoint(patients, splits)
+        _warn_absent(labels, splits, {k: len(splits[k]) > 0 for k in SPLIT_ORDER}, class_names,
+                     "the split column puts none of their rows in {split}")
         return splits
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"bad fractions: val={val_fraction}, test={test_fraction}")
@@ -102,6 +133,8 @@ def patient_split(
         chosen["train"] += group[n_test + n_val :].tolist()
     splits = {k: _records_of(patients, v) for k, v in chosen.items()}
     check_disjoint(patients, splits)
+    _warn_absent(labels, splits, {"train": True, "val": val_fraction > 0, "test": test_fraction > 0}, class_names,
+                 "too few patients to deal one to {split}")
     return splits
 
 
@@ -110,7 +143,8 @@ def splits_for(
 ) -> dict[str, np.ndarray]:
     """patient_split for a Dataset, honouring its manifest ``split`` column when present."""
     return patient_split(
-        ds.patients, ds.labels, val_fraction, test_fraction, seed, split_column=ds.split_column
+        ds.patients, ds.labels, val_fraction, test_fraction, seed, split_column=ds.split_column,
+        class_names=ds.class_names,
     )
 
 

@@ -399,7 +399,7 @@ def paired_differences(results: Sequence[Mapping[str, Any]], reference: str = "c
             a, b = runs[sd], by[reference][sd]
             diffs.append({k: float(a[k]) - float(b[k]) for k in a
                           if isinstance(a[k], (int, float)) and isinstance(b.get(k), (int, float))})
-        out[group] = {"seeds": seeds, "metrics": aggregate_folds(diffs, confidence=confidence)["metrics"]}
+        out[group] = {"seeds": seeds, "metrics": aggregate_folds(diffs, confidence=confidence, clip_rates=False)["metrics"]}
     return out
 
 
@@ -524,7 +524,8 @@ def add_ablation_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--grid", metavar="JSON", help="a grid JSON file instead of --preset")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the grid's)")
     p.add_argument("--config", help="base preset or JSON config (default: the grid's, e.g. demo)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides applied to every run")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="overrides applied to every run; repeatable (--set a=1 --set b=2 sets both)")
     p.add_argument("--folds", type=int, help="k-fold patient-wise CV per run instead of the fixed split")
     p.add_argument("--workers", type=int, default=1,
                    help="parallel child processes (default 1; 0 = in this process); >1 limits each to one thread")

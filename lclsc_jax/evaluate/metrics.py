@@ -256,10 +256,11 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """All frame/class/patient metrics of ``y_true (N,)`` vs ``probs (N, C)`` as a JSON-ready dict.
 
-    Keys: ``n, num_classes, class_names, evaluated_classes, positive_class, accuracy,
-    balanced_accuracy, sensitivity, specificity, precision, f1, auroc, ece,
+    Keys: ``n, num_classes, class_names, evaluated_classes, absent_classes, positive_class,
+    accuracy, balanced_accuracy, sensitivity, specificity, precision, f1, auroc, ece,
     confusion_matrix, per_class, reliability, notes`` and, with ``patients``,
     ``per_patient, patient_accuracy, patient_accuracy_mean_prob, n_patients``.
+    ``absent_classes``: names of the classes with no sample in ``y_true`` (absent from the split).
     """
     y, p = _check_labels_probs(y_true, probs)
     n, c = p.shape
@@ -336,6 +337,7 @@ def classification_metrics(
         "num_classes": int(c),
         "class_names": names,
         "evaluated_classes": evaluated,
+        "absent_classes": [names[k] for k in absent],
         "positive_class": None if positive_class is None else int(positive_class),
         "accuracy": float(np.mean(correct)),
         "balanced_accuracy": macro("recall"),
@@ -363,6 +365,16 @@ def classification_metrics(
 # ------------------------------------------------------------------------ across folds
 
 _META_KEYS = frozenset({"n", "num_classes", "positive_class", "n_patients"})
+# Metrics that are rates or accuracies, bounded to [0, 1] (top level, or the last part of ``per_class.<c>.<m>``).
+RATE_METRICS = frozenset({"accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "recall",
+                          "f1", "auroc", "ece", "patient_accuracy", "patient_accuracy_mean_prob"})
+
+
+def _clip_rate(name: str, lo: float, hi: float) -> tuple[float, float]:
+    """``(lo, hi)`` clipped to [0, 1] when ``name`` is one of :data:`RATE_METRICS`, else unchanged."""
+    if name.rsplit(".", 1)[-1] not in RATE_METRICS:
+        return lo, hi
+    return min(max(lo, 0.0), 1.0), min(max(hi, 0.0), 1.0)
 
 
 def _scalars(m: Mapping[str, Any]) -> dict[str, float | None]:
@@ -380,13 +392,15 @@ def _scalars(m: Mapping[str, Any]) -> dict[str, float | None]:
     return out
 
 
-def aggregate_folds(results: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
+def aggregate_folds(results: Sequence[Mapping[str, Any]], confidence: float = 0.95,
+                    clip_rates: bool = True) -> dict[str, Any]:
     """Mean, std (ddof=1) and a Student-t confidence interval of every scalar metric over folds.
 
     Returns ``{"n_folds", "metrics": {name: {mean, std, ci_low, ci_high, n, values}},
     "confusion_matrix_sum"}``; folds where a metric is None are left out of its
     statistics (``n`` counts the folds used). With one usable fold, std and the
-    interval are None.
+    interval are None. With ``clip_rates`` the interval of a rate (:data:`RATE_METRICS`)
+    is clipped to [0, 1]; pass ``clip_rates=False`` for signed values such as differences.
     """
     if len(results) == 0:
         raise ValueError("aggregate_folds needs at least one fold result")
@@ -408,6 +422,8 @@ def aggregate_folds(results: Sequence[Mapping[str, Any]], confidence: float = 0.
             std = float(arr.std(ddof=1))
             half = float(stats.t.ppf(0.5 + confidence / 2, df=arr.size - 1)) * std / math.sqrt(arr.size)
             lo, hi = mean - half, mean + half
+            if clip_rates:
+                lo, hi = _clip_rate(name, lo, hi)
         else:
             std = lo = hi = None
         metrics[name] = {

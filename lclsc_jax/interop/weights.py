@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -192,6 +193,12 @@ def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
     return obj
 
 
+def _pickled_global(message: str) -> str:
+    """The Python object a refused pickle names (``GLOBAL x.y`` in PyTorch's message), or ''."""
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    return f" (it refers to the Python object {m.group(1)})" if m else ""
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``: refuses (without running it) any pickled code."""
     torch = require_torch()
@@ -199,9 +206,10 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: it is not a plain tensor state_dict and loading it would "
-            f"execute pickled code ({str(e).splitlines()[0]}). Save weights with "
-            f"torch.save(model.state_dict(), path) or use .safetensors."
+            f"refusing to load {path}: it is not a plain tensor state_dict{_pickled_global(str(e))}, and "
+            "loading it would execute pickled code. Convert it to a plain state_dict where its model is "
+            "defined, from a source you trust: torch.save(model.state_dict(), 'weights.pth'), or "
+            "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors'); then pass that file."
         ) from None
 
 

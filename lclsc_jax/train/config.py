@@ -35,6 +35,7 @@ class DataConfig:
     """Where images come from and how they are fed."""
 
     source: str = "synthetic"  # synthetic | folder path | CSV manifest path
+    allow_outside_root: bool = False  # a CSV manifest may name files outside its folder (../x.png, /abs/x.png)
     image_size: int = 128
     channels: int = 1
     cache_dir: str = ""  # "" -> $LCLSC_DATA_DIR or ~/.cache/lclsc_jax
@@ -210,13 +211,15 @@ def override(cfg: Config, updates: dict[str, Any]) -> Config:
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """Parse ``["a.b=1", ...]`` into a dict; a malformed item is an error."""
-    out = {}
+    """Parse ``["a.b=1", ...]`` into a dict; a malformed item, or a key given two different values, is an error."""
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        k, v = (s.strip() for s in item.split("=", 1))
+        if k in out and out[k] != v:
+            raise ConfigError(f"config key {k!r} is set twice, to {out[k]!r} and to {v!r}: give it once")
+        out[k] = v
     return out
 
 
