@@ -21,6 +21,12 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-devices", type=int, help="devices this process uses (default: all local ones)")
 
 
+def _add_set(p: argparse.ArgumentParser, help: str = "override config keys") -> None:
+    """``--set KEY=VALUE ...``: repeatable, every occurrence adds to the list (a key given two values is an error)."""
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help=help + "; repeatable (--set a=1 --set b=2 sets both)")
+
+
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="best",
                    help="which checkpoint: best (by validation metric), latest, or a step number (default: best)")
@@ -50,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="run directory (config, checkpoints, metrics, TensorBoard)")
     p.add_argument("--data", help=DATA_HELP + " (default: the config's data.source)")
     p.add_argument("--config", help="preset name or JSON file (default: 'default', or the workdir's saved config)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. train.lr=3e-4")
+    _add_set(p, "override config keys, e.g. train.lr=3e-4")
     p.add_argument("--init-from", metavar="FILE", help="start the backbone from PyTorch weights (.pt/.pth/.safetensors, "
                    "torchvision naming); the heads are re-initialised")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -70,10 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     _add_checkpoint(p)
 
+    from lclsc_jax.explain.registry import methods_help  # no JAX: the method list only
+
     p = sub.add_parser("explain", help="saliency maps (.npy + PNG overlays) for image files",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Explain the predictions of a trained run (--workdir) or of an imported "
-                                   "torchvision/timm-named classifier (--torch-weights FILE --arch ARCH).",
+                                   "torchvision/timm-named classifier (--torch-weights FILE --arch ARCH).\n\n"
+                                   "methods (--method; docs/explain.md has formulas, costs and options):\n"
+                                   + methods_help(),
                        epilog="examples:\n  lclsc explain --workdir runs/r18 --method sc frame1.png --out maps/\n"
                               "  lclsc explain --torch-weights cle_resnet18.pth --arch resnet18 --classes a,b,c "
                               "--method gradcam img.png --out maps/   (fc with 3 outputs)\n\n"
@@ -97,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="last", help="feature stage to explain (e.g. stage3, stage4; default: last)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist in --out")
     _add_checkpoint(p)
 
     p = sub.add_parser("cv", help="patient-wise k-fold or leave-one-patient-out cross-validation",
@@ -105,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="CV directory (fold_XX/, cv_summary.json, figures/)")
     p.add_argument("--data", help=DATA_HELP + " (default: the config's data.source)")
     p.add_argument("--config", default="default", help="preset name or JSON file (default: default)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    _add_set(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--folds", type=int, default=5, help="number of patient-wise folds (default 5)")
     g.add_argument("--lopo", action="store_true", help="leave-one-patient-out instead of k folds")
@@ -139,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="default",
                    help="preset or JSON file for the data settings (image size, channels, synthetic data, split; "
                         "default: default)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. data.image_size=64")
+    _add_set(p, "override config keys, e.g. data.image_size=64")
     p.add_argument("--folds", type=int, default=8,
                    help="patient-wise CV folds (default 8; reduced when there are fewer patients)")
     p.add_argument("--split", default="test", help="frames whose class-blind maps are scored: test (default), "
@@ -164,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=40, help="frames per patient (default 40)")
     p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="any other simulator parameter (lclsc_jax.data.SyntheticConfig), e.g. noise=false, "
                         "fibre_cores=5000,10000, nondiagnostic_fraction=0.2")
 
@@ -186,24 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on synthetic pCLE data, evaluate, write saliency figures (CPU minutes)")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override demo config keys")
+    _add_set(p, "override demo config keys")
 
     p = sub.add_parser("config", help="show a resolved config or list every key")
     p.add_argument("--config", default="default")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    _add_set(p)
     p.add_argument("--list", action="store_true", help="list every key with its default")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lclsc`` command."""
+    """Entry point of the ``lclsc`` command; what a user can fix is one line on stderr, not a traceback.
+
+    Exit codes: 2 refused (bad input, config or a workdir in use), 1 stopped (diverged, a disk
+    full or read-only), 130 Ctrl-C.
+    """
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
+    except KeyboardInterrupt as e:
+        print(f"lclsc {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lclsc {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only folder
+        print(f"lclsc {args.command}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - only errors that carry an exit code (loop.TrainingStopped)
+        if not isinstance(getattr(e, "exit_code", None), int):
+            raise
+        print(f"lclsc {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -286,9 +312,29 @@ def _predict(args: argparse.Namespace) -> int:
 EXPLAIN_NORMALIZE = ("imagenet", "lclsc", "unit")
 
 
+def _explain_outputs(args: argparse.Namespace) -> list[str]:
+    """Every file ``lclsc explain`` may write for ``args``: per image and method a map ``.npy``, and an overlay ``.png``."""
+    from lclsc_jax.explain import METHODS
+
+    method = args.method or ("gradcam" if args.torch_weights else "sc")
+    methods = list(METHODS) if method == "all" else [method]
+    stems = [os.path.splitext(n)[0] for n in _output_names(args.images)]
+    return [os.path.join(args.out, f"{s}_{name}") for s in stems
+            for name in [f"{m}.npy" for m in methods] + [f"{method}.png"]]
+
+
+def _refuse_overwrite(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming an output of ``lclsc explain`` that exists, unless ``--overwrite``."""
+    existing = [] if args.overwrite else [p for p in _explain_outputs(args) if os.path.exists(p)]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]} exists{more}: pass --overwrite to replace, or another --out")
+
+
 def _explain(args: argparse.Namespace) -> int:
     from lclsc_jax import explain
 
+    _refuse_overwrite(args)
     if args.torch_weights:
         return _explain_torch_weights(args)
     for flag, value in (("--arch", args.arch), ("--classes", args.classes), ("--image-size", args.image_size)):

@@ -158,6 +158,8 @@ def parse_command(argv: list[str], capsys: pytest.CaptureFixture | None = None,
             return done.args[0]
         pytest.fail(f"{argv[0]} finished without parsing its arguments")
     except SystemExit as e:
+        if e.code == 0 and ("--help" in argv or "-h" in argv):
+            return argparse.Namespace(help=True)  # `lclsc explain --help`: argparse printed the help
         err = capsys.readouterr().err if capsys is not None else ""
         if fragment and re.search(r"argument \S+: expected (one|at least one) argument\n?$", err.strip() + "\n"):
             return argparse.Namespace()  # prose names a flag without its value: `lclsc explain --torch-weights`

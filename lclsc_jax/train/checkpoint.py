@@ -2,13 +2,19 @@
 
 Layout: ``WORKDIR/checkpoints/<step>/{state,data_iter}``. Kept: the last ``keep_last`` and the
 best by a validation metric. Saves are asynchronous; :meth:`Checkpointer.close` waits for them.
+A save that fails for lack of space or permission raises ``OSError`` (Orbax's TensorStore
+reports it as a ``ValueError`` carrying ``os_error_code``), whichever call notices it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import re
+import sys
+from types import TracebackType
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -23,7 +29,64 @@ class _DropNoMetricsWarning(logging.Filter):
         return "did not provide metrics" not in str(record.msg)
 
 
+class _DropReRaisedSaveErrors(logging.Filter):
+    """Orbax logs a failed background save with a traceback per thread, then re-raises it in the caller."""
+
+    _RERAISED = ("raised an exception", "Failed to run", "Save Finalize thread")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("orbax" in record.pathname and any(p in str(record.msg) for p in self._RERAISED))
+
+
 logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
+logging.getLogger("absl").addFilter(_DropReRaisedSaveErrors())
+
+
+def _quiet_late_write_callbacks(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``sys.excepthook`` without the dozens of tracebacks TensorStore prints after a failed save.
+
+    When one write fails (a full disk), Orbax closes its event loop while TensorStore still
+    completes the other writes, and each completion callback prints "Event loop is closed". The
+    failure itself is raised in the caller; these late callbacks carry nothing more.
+    """
+    def excepthook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> Any:
+        late = kind is RuntimeError and str(value) == "Event loop is closed" and "call_soon_threadsafe" in _frames(tb)
+        return None if late else hook(kind, value, tb)
+    return excepthook
+
+
+def _frames(tb: TracebackType | None) -> list[str]:
+    """The function names along a traceback."""
+    names = []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
+
+
+sys.excepthook = _quiet_late_write_callbacks(sys.excepthook)
+
+
+def saved_steps(directory: str) -> list[int]:
+    """The steps of the complete checkpoints in ``directory`` (Orbax renames a step's folder when done)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+@contextlib.contextmanager
+def _os_errors(directory: str) -> Iterator[None]:
+    """Re-raise a write failure reported by TensorStore (``ValueError ... [os_error_code='28']``) as ``OSError``."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only OS-level failures are translated, the rest re-raised
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise OSError(n, f"{os.strerror(n)} (writing a checkpoint)", directory) from None
 
 
 class Checkpointer:
@@ -42,7 +105,8 @@ class Checkpointer:
             preservation_policy=ocm.AnyPreservationPolicy(policies),
             best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
             enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter"))
 
     def latest_step(self) -> int | None:
@@ -63,7 +127,8 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        with _os_errors(self.directory):
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None = None) -> Any:
         """Restore the state at ``step`` into ``abstract_state``'s shapes and shardings.
@@ -78,12 +143,18 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        with _os_errors(self.directory):
+            self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        """Wait for pending saves and release resources."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, quiet: bool = False) -> None:
+        """Wait for pending saves and release resources; ``quiet``: ignore a failed save (already failing)."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001
+            if not quiet:
+                raise
+        with contextlib.suppress(Exception) if quiet else contextlib.nullcontext():
+            self.manager.close()
 
 
 def abstract_like(state: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 from typing import Any, Iterator
@@ -9,16 +11,31 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from lclsc_jax.train import lock
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train import steps as steps_lib
-from lclsc_jax.train.checkpoint import Checkpointer, abstract_like
+from lclsc_jax.train.checkpoint import Checkpointer, abstract_like, saved_steps
 from lclsc_jax.train.config import Config, from_dict, to_dict
 from lclsc_jax.train.reporting import MetricWriter, Progress
 from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/Inf; the last good checkpoint is left intact."""
+class TrainingStopped(RuntimeError):
+    """Training stopped before its last step (it diverged, or a write failed); the message says what is on disk."""
+
+    exit_code = 1  # ``lclsc`` prints the message as one line and exits with this code
+
+
+class TrainingDiverged(TrainingStopped):
+    """The loss or gradient became NaN/Inf at ``step``; nothing of the failing steps was saved."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says from which step the workdir resumes."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +61,8 @@ def load_dataset(cfg: Config, source: str | None = None) -> Any:
                                           images_per_patient=d.synthetic_images_per_patient,
                                           image_size=d.image_size, seed=d.synthetic_seed)
     return data.load(source, image_size=d.image_size, channels=d.channels,
-                     cache_dir=d.cache_dir or None, synthetic=synthetic)
+                     cache_dir=d.cache_dir or None, synthetic=synthetic,
+                     allow_outside_root=d.allow_outside_root)
 
 
 def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
@@ -53,7 +71,8 @@ def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
 
     return data.patient_split(ds.patients, ds.labels, val_fraction=cfg.data.val_fraction,
                               test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
-                              split_column=getattr(ds, "split_column", None))
+                              split_column=getattr(ds, "split_column", None),
+                              class_names=getattr(ds, "class_names", None))
 
 
 def check_training_classes(ds: Any, splits: dict[str, np.ndarray], source: str | None = None) -> None:
@@ -167,42 +186,114 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-#: Keys a resumed run may change: how long it trains and how often it logs, evaluates and saves.
+#: Keys a resumed run may change: how long it trains, how often it logs, evaluates and saves, and
+#: the learning-rate schedule (to resume a run that diverged with other settings).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_last",
-                  "train.eval_batch_size")
+                  "train.eval_batch_size", "train.lr", "train.warmup_steps")
+
+#: Settings a run that diverged must change before it resumes (training is deterministic).
+DIVERGENCE_KEYS = ("train.lr", "train.warmup_steps")
+
+#: Written by a run that diverged: the step and the :data:`DIVERGENCE_KEYS` it diverged with.
+DIVERGED_FILE = "diverged.json"
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir`` holds at least one complete checkpoint."""
+    return bool(saved_steps(os.path.join(workdir, "checkpoints")))
 
 
 def resolve_config(workdir: str, cfg: Config | None, overrides: dict[str, Any] | None = None) -> Config:
     """The config of a run: the workdir's saved one when resuming, else ``cfg``; overrides applied.
 
-    Resuming (``workdir/config.json`` exists) accepts the command that started the run again
-    (same ``cfg`` and overrides) or no ``cfg`` at all; either may change only
-    :data:`RESUMABLE_KEYS` (e.g. a higher ``train.steps``). Anything else (another data source,
-    image size, model, loss, ...) is an error naming the differing keys.
+    Resuming (``workdir/config.json`` exists, written once training started) accepts the command
+    that started the run again (same ``cfg`` and overrides) or no ``cfg`` at all; either may
+    change only :data:`RESUMABLE_KEYS` (e.g. a higher ``train.steps``, a lower ``train.lr``).
+    Anything else (another data source, image size, model, loss, ...) is an error naming the
+    differing keys.
     """
-    from lclsc_jax.train.config import flatten, override
+    from lclsc_jax.train.config import override
 
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
             saved = from_dict(json.load(f))
-        given = cfg if cfg is not None else saved
-        given = override(given, overrides) if overrides else given
-        a, b = flatten(saved), flatten(given)
-        diff = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_KEYS)
-        if diff:
-            shown = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in diff[:6]) + (" ..." if len(diff) > 6 else "")
-            raise ValueError(f"{workdir} holds a run with a different config ({shown}); resume it with the command "
-                             "that started it (only " + ", ".join(RESUMABLE_KEYS) + " may change) or without "
-                             "--config, or pick a new --workdir")
+        _check_resumable(workdir, saved, cfg, overrides)
         cfg = saved
     cfg = cfg or Config()
     return override(cfg, overrides) if overrides else cfg
 
 
+def _check_resumable(workdir: str, saved: Config, cfg: Config | None, overrides: dict[str, Any] | None) -> None:
+    """Raise ``ValueError`` naming the keys outside :data:`RESUMABLE_KEYS` that differ from the saved run."""
+    from lclsc_jax.train.config import flatten, override
+
+    given = cfg if cfg is not None else saved
+    given = override(given, overrides) if overrides else given
+    a, b = flatten(saved), flatten(given)
+    diff = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_KEYS)
+    if diff:
+        shown = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in diff[:6]) + (" ..." if len(diff) > 6 else "")
+        raise ValueError(f"{workdir} holds a run with a different config ({shown}); resume it with the command "
+                         "that started it (only " + ", ".join(RESUMABLE_KEYS) + " may change) or without "
+                         "--config, or pick a new --workdir")
+
+
+def _refuse_repeated_divergence(workdir: str, cfg: Config) -> None:
+    """Raise ``ValueError`` if the run diverged before with the same :data:`DIVERGENCE_KEYS` (it would again)."""
+    from lclsc_jax.train.config import flatten
+
+    path = os.path.join(workdir, DIVERGED_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        diverged = json.load(f)
+    flat = flatten(cfg)
+    if any(flat[k] != v for k, v in diverged.get("settings", {}).items()):
+        return
+    settings = " ".join(f"{k}={v}" for k, v in diverged.get("settings", {}).items())
+    raise ValueError(f"{workdir}: this run diverged at step {diverged.get('step')} with {settings} and would "
+                     f"diverge again; resume with other settings, e.g. {_resume_hint(workdir, cfg)}, "
+                     f"or delete {path} to retry as is")
+
+
+def _resume_hint(workdir: str, cfg: Config) -> str:
+    """A command that resumes ``workdir`` with a ten times lower learning rate."""
+    return f"`lclsc train --workdir {workdir} --set train.lr={cfg.train.lr / 10:g}`"
+
+
+def _on_disk(workdir: str) -> str:
+    """What a rerun of ``workdir`` starts from, truthfully."""
+    steps = saved_steps(os.path.join(workdir, "checkpoints"))
+    if not steps:
+        return "no checkpoint has been saved yet, so a rerun starts from step 0"
+    return f"the latest checkpoint, step {steps[-1]}, is intact and a rerun resumes from it"
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Run:
+    """Everything the step loop reads and advances."""
+
+    cfg: Config
+    workdir: str
+    model: Any
+    mesh: jax.sharding.Mesh
+    ds: Any
+    splits: dict[str, np.ndarray]
+    state: TrainState
+    train_it: Any
+    ckpt: Checkpointer
+    step: int
+    end: int
+    start: int = 0
+    writer: Any = None
+    bar: Any = None
+    last_val: dict[str, float] = dataclasses.field(default_factory=dict)
+
 
 def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_devices: int | None = None,
           stop_after: int | None = None, progress: bool = True,
@@ -212,7 +303,22 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
     ``splits`` (record indices per ``train``/``val``/``test``) replaces the config's fixed
     patient-wise split, e.g. for a cross-validation fold; ``dataset`` skips re-loading the data.
     ``stop_after`` ends the loop after that many steps of this call (tests of resumption).
+    The workdir is locked for the call (:mod:`lclsc_jax.train.lock`); ``config.json`` is written
+    only once the data loaded and the state is built. Divergence, a failed write and Ctrl-C raise
+    :class:`TrainingDiverged`, :class:`TrainingStopped` and :class:`TrainingInterrupted`, whose
+    messages say what is on disk and how to resume.
     """
+    with lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        _refuse_repeated_divergence(workdir, cfg)
+        ds, splits, split_info = _prepare_data(cfg, workdir, dataset, splits)
+        run = _build(cfg, workdir, ds, splits, init_from, num_devices, stop_after)
+        _run_to_end(run, progress, split_info)
+    return {"step": run.step, "val": run.last_val, "workdir": workdir}
+
+
+def _prepare_data(cfg: Config, workdir: str, dataset: Any,
+                  splits: dict[str, np.ndarray] | None) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
+    """Load and split the data; raise if it differs from the data the run in ``workdir`` started on."""
     from lclsc_jax import data
 
     ds = dataset if dataset is not None else load_dataset(cfg)
@@ -227,74 +333,148 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
         "patients": {k: sorted(set(map(str, ds.patients[v]))) for k, v in splits.items()},
         "counts": {k: int(len(v)) for k, v in splits.items()}}
     _check_same_data(workdir, split_info)
-    os.makedirs(workdir, exist_ok=True)  # only once the data is good: a bad --data leaves no run behind
-    write_json(os.path.join(workdir, "config.json"), to_dict(cfg))
-    write_json(os.path.join(workdir, "splits.json"), split_info)
+    return ds, splits, split_info
+
+
+def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], init_from: str | None,
+           num_devices: int | None, stop_after: int | None) -> _Run:
+    """Mesh, model, state (fresh, from ``init_from``, or restored from the latest checkpoint) and data iterator."""
+    from lclsc_jax import data
 
     mesh = shd.make_mesh(num_devices)
     shd.check_batch_size(cfg.train.batch_size, mesh)
     model = build_model(cfg, ds.num_classes)
-    tx = make_optimizer(cfg)
     state = init_state(cfg, model, ds.num_classes, mesh)
+    if init_from and not has_checkpoint(workdir):  # before any checkpoint folder: a bad file leaves no run
+        state = _init_backbone(cfg, state, init_from, mesh)
     train_it = data.train_iterator(
         ds, splits["train"], global_batch_size=cfg.train.batch_size, seed=cfg.seed,
         augment=data.AugmentConfig() if cfg.data.augment else data.AugmentConfig(enabled=False),
         num_workers=cfg.data.num_workers, second_view=False)
-
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.train.keep_last,
                         best_metric=f"val_{cfg.train.best_metric}")
     start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, abstract_state(cfg, model, ds.num_classes, mesh), train_it)
-    else:
-        start = 0
-        if init_from:
-            from lclsc_jax import interop
-
-            variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
-                                                            return_report=True)
-            state = jax.device_put(state.replace(params=variables["params"],
-                                                 batch_stats=variables["batch_stats"]),
-                                   shd.replicated(mesh))
-            _log(f"initialised backbone from {init_from}: {report}")
-
-    train_step = steps_lib.jit_train_step(steps_lib.make_train_step(model, tx, cfg), mesh)
-    eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(model, cfg), mesh)
-    writer = MetricWriter(workdir)
-    bar = Progress(cfg.train.steps, start, cfg.train.batch_size, enabled=progress)
-    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    pending: list[dict[str, jax.Array]] = []
-    last_val: dict[str, float] = {}
-    step = start
     try:
-        while step < end:
-            batch = shd.to_global(next(train_it), mesh, steps_lib.TRAIN_KEYS)
-            state, metrics = train_step(state, batch)
-            step += 1
-            pending.append(metrics)
-            if step == start + 1:
-                bar.reset_clock()  # exclude compilation from img/s
-            is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-            is_ckpt = step % cfg.train.checkpoint_every == 0 or step == end or is_eval
-            if step % cfg.train.log_every == 0 or is_ckpt:
-                host = _check_and_average(pending, step)
-                pending = []
-                host["lr"] = learning_rate(cfg, step - 1)
-                writer.write(step, host, "train")
-                bar.update(step, host)
-            if is_eval and "val" in splits and len(splits["val"]):
-                last_val = _validate(cfg, model, state, mesh, ds, splits["val"], eval_step)
-                writer.write(step, last_val, "val")
-                bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in last_val.items()))
-                bar.reset_clock()
-            if is_ckpt:
-                ckpt.save(step, state, train_it,
-                          metrics={f"val_{k}": v for k, v in last_val.items()} if is_eval and last_val else None)
-    finally:
-        bar.close()
-        writer.close()
-        ckpt.close()
-    return {"step": step, "val": last_val, "workdir": workdir}
+        if start is not None:
+            state = ckpt.restore(start, abstract_state(cfg, model, ds.num_classes, mesh), train_it)
+            _log(f"resuming {workdir} from its checkpoint at step {start} (training to step {cfg.train.steps})")
+    except BaseException:
+        ckpt.close(quiet=True)
+        raise
+    start = start or 0
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
+    return _Run(cfg, workdir, model, mesh, ds, splits, state, train_it, ckpt, start, end, start)
+
+
+def _init_backbone(cfg: Config, state: TrainState, init_from: str, mesh: jax.sharding.Mesh) -> TrainState:
+    """``state`` with its backbone loaded from PyTorch weights (the heads stay fresh)."""
+    from lclsc_jax import interop
+
+    variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
+                                                    return_report=True)
+    state = jax.device_put(state.replace(params=variables["params"], batch_stats=variables["batch_stats"]),
+                           shd.replicated(mesh))
+    _log(f"initialised backbone from {init_from}: {report}")
+    return state
+
+
+def _record_start(run: _Run, split_info: dict[str, Any]) -> None:
+    """Training starts: write the run's config and splits; forget an earlier divergence (other settings now)."""
+    write_json(os.path.join(run.workdir, "config.json"), to_dict(run.cfg))
+    write_json(os.path.join(run.workdir, "splits.json"), split_info)
+    if jax.process_index() == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run.workdir, DIVERGED_FILE))
+
+
+def _run_to_end(run: _Run, progress: bool, split_info: dict[str, Any]) -> None:
+    """Record the start, run the steps, close; a stop (divergence, failed write, Ctrl-C) is re-raised explained."""
+    try:
+        _record_start(run, split_info)
+        run.writer = MetricWriter(run.workdir)
+        run.bar = Progress(run.cfg.train.steps, run.step, run.cfg.train.batch_size, enabled=progress)
+        _run_steps(run)
+        run.ckpt.wait()  # a failed last save surfaces here
+    except BaseException as e:
+        _close(run, quiet=True)
+        if isinstance(e, (TrainingDiverged, KeyboardInterrupt, OSError)):
+            raise _explained(e, run) from None
+        raise
+    _close(run, quiet=False)
+
+
+def _run_steps(run: _Run) -> None:
+    """Advance ``run`` from ``run.step`` to ``run.end``: train, log, validate, save."""
+    cfg, start = run.cfg, run.step
+    tx = make_optimizer(cfg)
+    train_step = steps_lib.jit_train_step(steps_lib.make_train_step(run.model, tx, cfg), run.mesh)
+    eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, cfg), run.mesh)
+    pending: list[dict[str, jax.Array]] = []
+    while run.step < run.end:
+        batch = shd.to_global(next(run.train_it), run.mesh, steps_lib.TRAIN_KEYS)
+        run.state, metrics = train_step(run.state, batch)
+        run.step += 1
+        step = run.step
+        pending.append(metrics)
+        if step == start + 1:
+            run.bar.reset_clock()  # exclude compilation from img/s
+        is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == run.end or is_eval
+        if step % cfg.train.log_every == 0 or is_ckpt:
+            host = _check_and_average(pending, step)
+            pending = []
+            host["lr"] = learning_rate(cfg, step - 1)
+            run.writer.write(step, host, "train")
+            run.bar.update(step, host)
+        if is_eval and "val" in run.splits and len(run.splits["val"]):
+            run.last_val = _validate(cfg, run.model, run.state, run.mesh, run.ds, run.splits["val"], eval_step)
+            run.writer.write(step, run.last_val, "val")
+            run.bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in run.last_val.items()))
+            run.bar.reset_clock()
+        if is_ckpt:
+            run.ckpt.save(step, run.state, run.train_it,
+                          metrics={f"val_{k}": v for k, v in run.last_val.items()} if is_eval and run.last_val
+                          else None)
+
+
+def _close(run: _Run, quiet: bool) -> None:
+    """Close the progress bar, the metric writer and the checkpointer (waiting for its saves)."""
+    for closer in (run.bar, run.writer):
+        if closer is not None:
+            with contextlib.suppress(Exception) if quiet else contextlib.nullcontext():
+                closer.close()
+    run.ckpt.close(quiet=quiet)
+
+
+def _explained(e: BaseException, run: _Run) -> BaseException:
+    """The exception to show for a stopped run: what happened at which step, what is on disk, how to go on."""
+    workdir, on_disk = run.workdir, _on_disk(run.workdir)
+    if isinstance(e, TrainingDiverged):
+        return _diverged(e, run, on_disk)
+    if isinstance(e, KeyboardInterrupt):
+        return TrainingInterrupted(f"interrupted at step {run.step}; {on_disk} (`lclsc train --workdir {workdir}`)")
+    what = f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e)
+    return TrainingStopped(f"could not write the run at step {run.step} ({what}); {on_disk}: free space or "
+                           f"make {workdir} writable, then `lclsc train --workdir {workdir}` goes on")
+
+
+def _diverged(e: TrainingDiverged, run: _Run, on_disk: str) -> TrainingDiverged:
+    """Record the divergence in ``diverged.json`` and say how to resume with other settings."""
+    from lclsc_jax.train.config import flatten
+
+    flat = flatten(run.cfg)
+    settings = {k: flat[k] for k in DIVERGENCE_KEYS}
+    write_json(os.path.join(run.workdir, DIVERGED_FILE), {"step": e.step, "settings": settings})
+    shown = " ".join(f"{k}={v}" for k, v in settings.items())
+    steps = saved_steps(os.path.join(run.workdir, "checkpoints"))
+    if steps and steps[-1] > run.start:  # its weights already come from steps with these settings
+        on_disk += (f" (it was saved by this call, with these settings: if resuming from it diverges too, "
+                    "start afresh in a new --workdir)")
+    return TrainingDiverged(
+        f"training diverged: the loss or gradient became NaN/Inf at step {e.step} (with {shown}); nothing of "
+        f"the failing steps was saved, {on_disk}. Resume with other settings, e.g. "
+        f"{_resume_hint(run.workdir, run.cfg)} (the resumable keys: {', '.join(RESUMABLE_KEYS)}), "
+        "or check the data for constant or corrupt images", e.step)
 
 
 def _check_same_data(workdir: str, split_info: dict[str, Any]) -> None:
@@ -304,8 +484,7 @@ def _check_same_data(workdir: str, split_info: dict[str, Any]) -> None:
     would otherwise continue the run on another split, possibly with test patients in training.
     """
     path = os.path.join(workdir, "splits.json")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not (os.path.exists(path) and os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))):
+    if not (os.path.exists(path) and has_checkpoint(workdir)):
         return
     with open(path) as f:
         saved = json.load(f)
@@ -316,14 +495,13 @@ def _check_same_data(workdir: str, split_info: dict[str, Any]) -> None:
 
 
 def _check_and_average(pending: list[dict[str, jax.Array]], step: int) -> dict[str, float]:
-    """Fetch the pending step metrics, stop on NaN/Inf, average them."""
+    """Fetch the pending step metrics, stop on NaN/Inf (naming the first such step), average them."""
     host = jax.device_get(pending)
-    bad = sum(m["nonfinite"] for m in host)
+    bad = [i for i, m in enumerate(host) if m["nonfinite"]]
     if bad:
-        raise TrainingDiverged(
-            f"loss or gradient became NaN/Inf in {int(bad)} of the last {len(host)} steps (up to step {step}); "
-            "stopped without saving, the last good checkpoint is intact. Lower train.lr, or check the data "
-            "for constant or corrupt images.")
+        first = step - len(host) + bad[0] + 1
+        raise TrainingDiverged(f"loss or gradient became NaN/Inf at step {first} ({len(bad)} of the last "
+                               f"{len(host)} steps, up to step {step}); stopped without saving", first)
     return {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "nonfinite"}
 
 
