@@ -9,7 +9,7 @@ Each run trains on the fixed patient-wise split (or ``--folds K`` cross-validati
 evaluated on held-out patients and its Grad-CAM / SC maps are scored against the synthetic
 masks. Finished runs (``runs/<name>/results.json``) are skipped, so an interrupted sweep is
 resumed by re-running the same command. The machinery (and these flags) live in
-``lclsc_jax.evaluate.ablation``; see docs/protocols.md.
+``lclsc_jax.protocols.ablation``; see docs/protocols.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lclsc_jax.evaluate.ablation import (  # noqa: F401  (re-exported: `from ablate import run_ablation`)
+from lclsc_jax.protocols.ablation import (  # noqa: F401  (re-exported: `from ablate import run_ablation`)
     ABLATION_GRIDS,
     ablation_command,
     ablation_table,

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from lclsc_jax import data
-from lclsc_jax.evaluate import cam_benchmark
+from lclsc_jax.protocols import cam_benchmark
 from lclsc_jax.protocols import audit
 from lclsc_jax.train import loop
 

@@ -24,7 +24,8 @@ import numpy as np
 from lclsc_jax import data
 from lclsc_jax.data import tissue
 from lclsc_jax.train import config as C
-from lclsc_jax.train import inference, loop
+from lclsc_jax.protocols import inference
+from lclsc_jax.train import loop
 
 
 def main() -> None:

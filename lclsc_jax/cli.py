@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other simulator parameter (lclsc_jax.data.SyntheticConfig), e.g. noise=false, "
                         "fibre_cores=5000,10000, nondiagnostic_fraction=0.2")
 
-    from lclsc_jax.evaluate.ablation import add_ablation_arguments
+    from lclsc_jax.protocols.ablation import add_ablation_arguments
 
     p = sub.add_parser("ablate", help="a grid of configs x seeds, patient-wise, resumable; one results table",
                        description="Run an ablation sweep (see docs/protocols.md). Finished runs are skipped, so "
@@ -279,7 +279,7 @@ def _output_names(paths: Sequence[str]) -> list[str]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lclsc_jax.train import inference
+    from lclsc_jax.protocols import inference
 
     m = inference.evaluate_run(args.workdir, _data_source(args.data) if args.data else None, args.split,
                                args.checkpoint, args.out)
@@ -297,7 +297,7 @@ def format_metrics(m: dict) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lclsc_jax.train import inference
+    from lclsc_jax.protocols import inference
 
     rows = inference.predict_files(args.workdir, args.images, args.checkpoint)
     for r in rows:
@@ -342,7 +342,7 @@ def _explain(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} goes with --torch-weights; a run (--workdir) has its own")
     if args.normalize not in (None, "lclsc"):
         raise ValueError(f"--normalize {args.normalize}: a run's images are normalised as in training (lclsc)")
-    from lclsc_jax.train import inference
+    from lclsc_jax.protocols import inference
 
     run = inference.load_run(args.workdir, args.checkpoint)
     images = inference.load_images(run.cfg, args.images)
@@ -399,7 +399,7 @@ def _explain_torch_weights(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
-    from lclsc_jax.evaluate import cross_validation as cv
+    from lclsc_jax.protocols import cross_validation as cv
     from lclsc_jax.train import config as C
 
     overrides = C.parse_overrides(args.set)
@@ -417,7 +417,7 @@ def _cv(args: argparse.Namespace) -> int:
 
 
 def _benchmark_cams(args: argparse.Namespace) -> int:
-    from lclsc_jax.evaluate import cam_benchmark
+    from lclsc_jax.protocols import cam_benchmark
 
     out = args.out or os.path.join(args.workdir, "cam_benchmark")
     rows = cam_benchmark.benchmark_cams(args.workdir, args.methods, args.stages, args.split, args.max_images,
@@ -462,7 +462,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from lclsc_jax.evaluate import ablation
+    from lclsc_jax.protocols import ablation
 
     return ablation.ablation_command(args)
 
@@ -492,7 +492,8 @@ def _demo(args: argparse.Namespace) -> int:
     """Train the demo preset, evaluate on held-out patients, write saliency figures."""
     from lclsc_jax import data
     from lclsc_jax.train import config as C
-    from lclsc_jax.train import inference, loop
+    from lclsc_jax.protocols import inference
+    from lclsc_jax.train import loop
 
     t0 = time.time()
     cfg = loop.resolve_config(args.workdir, C.load("demo"), C.parse_overrides(args.set))

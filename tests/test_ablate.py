@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lclsc_jax.evaluate import ablation as P
+from lclsc_jax.protocols import ablation as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def test_one_real_run_in_a_child_process_then_resume_skips_it(tmp_path):
 
 
 def test_saliency_scores_and_table_carry_the_class_blind_floor(tmp_path, monkeypatch):
-    from lclsc_jax.evaluate import cam_benchmark
+    from lclsc_jax.protocols import cam_benchmark
 
     def fake_bench(workdir, methods, **kw):
         rows = [{"method": m, "stage": "stage4", "error": None, "dice@otsu": 0.5, "dice@area": 0.6, "pr_auc": 0.7,

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from lclsc_jax import data, explain, models
-from lclsc_jax.evaluate import cam_benchmark as cb
+from lclsc_jax.protocols import cam_benchmark as cb
 from lclsc_jax.evaluate import shortcuts
 from lclsc_jax.train import config as C
-from lclsc_jax.train import inference, loop
+from lclsc_jax.protocols import inference
+from lclsc_jax.train import loop
 
 
 def test_plan_stage_methods_times_stages_sc_last_input_once():

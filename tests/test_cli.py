@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lclsc_jax import cli
-from lclsc_jax.train import inference
+from lclsc_jax.protocols import inference
 
 
 def _lclsc(*args, **kw):

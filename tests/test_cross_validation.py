@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from lclsc_jax.evaluate import cross_validation as cv
+from lclsc_jax.protocols import cross_validation as cv
 from lclsc_jax.train import config as C
 from lclsc_jax.train import loop
 

@@ -213,7 +213,7 @@ def test_every_blind_map_is_in_unit_range_with_zero_outside(name):
 
 
 def test_inscribed_disc_is_the_benchmark_fov_and_detection():
-    from lclsc_jax.evaluate import cam_benchmark
+    from lclsc_jax.protocols import cam_benchmark
 
     for h, w in ((64, 64), (15, 21)):
         np.testing.assert_array_equal(S.inscribed_disc(h, w), cam_benchmark._fov(h, w))

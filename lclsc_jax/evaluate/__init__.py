@@ -3,12 +3,11 @@
 ``metrics`` and ``localisation`` are NumPy (host side); ``faithfulness`` runs the model
 under ``jax.jit`` in bounded batches; ``plots`` draws PNGs with matplotlib (Agg canvas, no pyplot).
 ``shortcuts`` (NumPy/SciPy) measures what a class-blind reader gets from a frame: global image statistics
-and class-blind saliency baselines (``blind_map``). ``cross_validation`` (patient-wise k-fold / LOPO), ``ablation`` (sweeps) and ``cam_benchmark`` (saliency methods x
-stages vs GT masks) drive trained runs. Formulas and references: ``docs/evaluate.md``,
-``docs/protocols.md``.
+and class-blind saliency baselines (``blind_map``). Pure scoring: nothing here trains or loads a run;
+the protocols that do (cross-validation, the CAM benchmark, ablations) are ``lclsc_jax.protocols``.
+Formulas and references: ``docs/evaluate.md``.
 """
 
-from lclsc_jax.evaluate.cam_benchmark import benchmark_cams
 from lclsc_jax.evaluate.faithfulness import (
     ROAD_NEIGHBOUR_WEIGHTS,
     confidence_change,
@@ -45,8 +44,6 @@ from lclsc_jax.evaluate.metrics import (
     confusion_matrix,
     roc_curve_points,
 )
-from lclsc_jax.evaluate.ablation import ABLATION_GRIDS, ablation_table, expand_grid, run_ablation, write_slurm_script
-from lclsc_jax.evaluate.cross_validation import cross_validate, cv_folds
 from lclsc_jax.evaluate.shortcuts import BLIND_MAPS, blind_map, global_statistics
 from lclsc_jax.evaluate.plots import (
     confidence_histogram,
@@ -60,16 +57,13 @@ from lclsc_jax.evaluate.plots import (
 )
 
 __all__ = [
-    "ABLATION_GRIDS",
     "BLIND_MAPS",
     "ECE_BINS",
     "ROAD_NEIGHBOUR_WEIGHTS",
-    "ablation_table",
     "aggregate_folds",
     "area_binarize",
     "average_precision",
     "bbox_iou",
-    "benchmark_cams",
     "binarize",
     "binary_auroc",
     "blind_map",
@@ -79,13 +73,10 @@ __all__ = [
     "confidence_histogram",
     "confusion_matrix",
     "confusion_matrix_plot",
-    "cross_validate",
     "curve_auc",
-    "cv_folds",
     "deletion_curve",
     "dice",
     "energy_pointing_game",
-    "expand_grid",
     "gaussian_blur",
     "global_statistics",
     "insertion_curve",
@@ -105,8 +96,6 @@ __all__ = [
     "road",
     "roc_curve_points",
     "roc_curves",
-    "run_ablation",
     "saliency_ranks",
     "topk_binarize",
-    "write_slurm_script",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 
 from lclsc_jax import data
 from lclsc_jax.evaluate import shortcuts
-from lclsc_jax.evaluate.cam_benchmark import localisation_row, select_images
+from lclsc_jax.protocols.cam_benchmark import localisation_row, select_images
 
 __all__ = ["CLASSIFIERS", "audit_dataset", "bootstrap_scores", "format_audit", "patient_folds", "verdict"]
 

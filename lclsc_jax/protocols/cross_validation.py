@@ -81,7 +81,7 @@ def fold_name(k: int) -> str:
 
 def _predict_fold(fold_dir: str, ds: Any, test_idx: np.ndarray, which: str) -> tuple[dict[str, np.ndarray], int]:
     """Predictions ``{probs (N, C), label, index, patient (N,)}`` of a fold's run on its test records."""
-    from lclsc_jax.train import inference
+    from lclsc_jax.protocols import inference
 
     run = inference.load_run(fold_dir, which)
     res = inference.predict_records(run, ds, test_idx)

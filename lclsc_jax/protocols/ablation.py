@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lclsc_jax.evaluate.cross_validation import _log, _scalars, cross_validate, fold_name, format_ci
+from lclsc_jax.protocols.cross_validation import _log, _scalars, cross_validate, fold_name, format_ci
 from lclsc_jax.evaluate.metrics import aggregate_folds
 
 __all__ = ["ABLATION_GRIDS", "ABLATION_TABLE_METRICS", "BLIND_TABLE_METRICS", "SALIENCY_METRICS", "ablation_command",
@@ -177,7 +177,7 @@ def _is_complete(out_dir: str, spec: Mapping[str, Any], plan: Mapping[str, Any])
 
 def _saliency_scores(workdir: str, contrastive: bool, images: int, faithfulness: bool) -> dict[str, Any]:
     """Grad-CAM (all runs) and SC (contrastive runs) localisation/faithfulness on the run's test images."""
-    from lclsc_jax.evaluate import cam_benchmark
+    from lclsc_jax.protocols import cam_benchmark
     from lclsc_jax.train import config as C
     from lclsc_jax.train import loop
 
@@ -205,7 +205,8 @@ def run_one(spec: Mapping[str, Any], out_dir: str, plan: Mapping[str, Any], prog
     import jax
 
     from lclsc_jax.train import config as C
-    from lclsc_jax.train import inference, loop
+    from lclsc_jax.protocols import inference
+    from lclsc_jax.train import loop
 
     t0 = time.time()
     workdir = run_dir(out_dir, spec["name"])
@@ -273,7 +274,7 @@ def child_env(workers: int, base: Mapping[str, str] | None = None) -> dict[str, 
 
 def _child_command(out_dir: str, index: int) -> list[str]:
     """The command that runs plan entry ``index`` in a fresh Python process."""
-    code = ("import sys; from lclsc_jax.evaluate.ablation import run_index; "
+    code = ("import sys; from lclsc_jax.protocols.ablation import run_index; "
             "run_index(sys.argv[1], int(sys.argv[2]), progress=True)")
     return [sys.executable, "-c", code, out_dir, str(int(index))]
 

@@ -257,7 +257,8 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     """
     from lclsc_jax.data import normalize_images
     from lclsc_jax.evaluate import shortcuts
-    from lclsc_jax.train import inference, loop
+    from lclsc_jax.protocols import inference
+    from lclsc_jax.train import loop
 
     run = inference.load_run(workdir, which)
     ds = loop.load_dataset(run.cfg)
