@@ -22,12 +22,12 @@ from lclsc_jax.protocols.ablation import (  # noqa: F401  (re-exported: `from ab
     ABLATION_GRIDS,
     ablation_command,
     ablation_table,
-    add_ablation_arguments,
     expand_grid,
     run_ablation,
     run_index,
     write_slurm_script,
 )
+from lclsc_jax.cli import add_ablation_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Sequence
 
+from lclsc_jax.protocols.grids import ABLATION_GRIDS
+
 DATA_HELP = "synthetic (built-in synthetic pCLE data), a folder ROOT/<class>/<patient>/<frame>.png, or a CSV manifest"
 
 
@@ -25,6 +27,35 @@ def _add_set(p: argparse.ArgumentParser, help: str = "override config keys") -> 
     """``--set KEY=VALUE ...``: repeatable, every occurrence adds to the list (a key given two values is an error)."""
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help=help + "; repeatable (--set a=1 --set b=2 sets both)")
+
+
+def add_ablation_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the flags of the ablation command (``lclsc ablate``, ``experiments/ablate.py``) to ``p``."""
+    p.add_argument("--out", required=True, help="shared output folder (plan.json, runs/<name>/, tables)")
+    p.add_argument("--preset", default="quick", choices=sorted(ABLATION_GRIDS), help="which grid (default: quick)")
+    p.add_argument("--grid", metavar="JSON", help="a grid JSON file instead of --preset")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the grid's)")
+    p.add_argument("--config", help="base preset or JSON config (default: the grid's, e.g. demo)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="overrides applied to every run; repeatable (--set a=1 --set b=2 sets both)")
+    p.add_argument("--folds", type=int, help="k-fold patient-wise CV per run instead of the fixed split")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel child processes (default 1; 0 = in this process); >1 limits each to one thread")
+    p.add_argument("--saliency-images", type=int, default=16, help="test images scored per run (default 16)")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion AUC")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--slurm", action="store_true", help="write OUT/plan.json and OUT/ablation.slurm, do not run")
+    g.add_argument("--run-index", type=int, help="run one entry of OUT/plan.json (a SLURM array task)")
+    g.add_argument("--collect", action="store_true", help="gather finished runs into the tables")
+    g.add_argument("--nodes", type=int, default=1, help="nodes per run (multi-host through jax.distributed)")
+    g.add_argument("--gpus-per-node", type=int, default=0)
+    g.add_argument("--cpus-per-task", type=int, default=8)
+    g.add_argument("--time", default="04:00:00", help="SLURM time limit per run")
+    g.add_argument("--partition")
+    g.add_argument("--max-parallel", type=int, help="at most this many array tasks at once")
+    g.add_argument("--slurm-command", default="python experiments/ablate.py",
+                   help="what each array task runs (default: python experiments/ablate.py)")
+    return p
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -177,8 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="any other simulator parameter (lclsc_jax.data.SyntheticConfig), e.g. noise=false, "
                         "fibre_cores=5000,10000, nondiagnostic_fraction=0.2")
-
-    from lclsc_jax.protocols.ablation import add_ablation_arguments
 
     p = sub.add_parser("ablate", help="a grid of configs x seeds, patient-wise, resumable; one results table",
                        description="Run an ablation sweep (see docs/protocols.md). Finished runs are skipped, so "

@@ -87,3 +87,15 @@ def test_no_import_circle_between_modules():
     for m in sorted(GRAPH):
         if m not in state:
             visit(m, [m])
+
+
+def test_building_the_cli_parser_imports_no_jax():
+    # `lclsc --help` and every subcommand's --help must not pay for JAX (seconds on a small machine).
+    import subprocess
+    import sys
+
+    code = ("import sys, lclsc_jax.cli as c; c.build_parser(); "
+            "heavy = sorted(m for m in ('jax', 'flax', 'optax', 'tensorflow_datasets', 'grain', 'torch') if m in sys.modules); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,14 +1,26 @@
 """Protocols: procedures that load data or trained runs and drive ``evaluate`` (above ``train``).
 
 ``inference`` (load a run, its splits, predict, evaluate), ``cross_validation`` (patient-wise k-fold /
-LOPO), ``cam_benchmark`` (saliency methods x stages vs masks), ``ablation`` (sweeps) and ``audit``
-(``lclsc audit-data``: shortcuts in global statistics, class-blind maps). See ``docs/protocols.md``.
+LOPO), ``cam_benchmark`` (saliency methods x stages vs masks), ``ablation`` (sweeps; the named grids
+in ``grids``) and ``audit`` (``lclsc audit-data``: shortcuts in global statistics, class-blind maps).
+See ``docs/protocols.md``. Names load on first use, so ``lclsc --help`` does not import JAX.
 """
 
-from lclsc_jax.protocols.ablation import ABLATION_GRIDS, ablation_table, expand_grid, run_ablation, write_slurm_script
-from lclsc_jax.protocols.audit import CLASSIFIERS, audit_dataset, patient_folds
-from lclsc_jax.protocols.cam_benchmark import benchmark_cams
-from lclsc_jax.protocols.cross_validation import cross_validate, cv_folds
+from __future__ import annotations
 
-__all__ = ["ABLATION_GRIDS", "CLASSIFIERS", "ablation_table", "audit_dataset", "benchmark_cams", "cross_validate",
-           "cv_folds", "expand_grid", "patient_folds", "run_ablation", "write_slurm_script"]
+import importlib
+from typing import Any
+
+_HOME = {
+    "ABLATION_GRIDS": "grids", "ablation_table": "ablation", "expand_grid": "ablation", "run_ablation": "ablation",
+    "write_slurm_script": "ablation", "CLASSIFIERS": "audit", "audit_dataset": "audit", "patient_folds": "audit",
+    "benchmark_cams": "cam_benchmark", "cross_validate": "cross_validation", "cv_folds": "cross_validation",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` on first use (PEP 562)."""
+    if name not in _HOME:
+        raise AttributeError(f"module 'lclsc_jax.protocols' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lclsc_jax.protocols.{_HOME[name]}"), name)

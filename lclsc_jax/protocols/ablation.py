@@ -25,43 +25,12 @@ import numpy as np
 
 from lclsc_jax.protocols.cross_validation import _log, _scalars, cross_validate, fold_name, format_ci
 from lclsc_jax.evaluate.metrics import aggregate_folds
+from lclsc_jax.protocols.grids import ABLATION_GRIDS
 
 __all__ = ["ABLATION_GRIDS", "ABLATION_TABLE_METRICS", "BLIND_TABLE_METRICS", "SALIENCY_METRICS", "ablation_command",
            "ablation_table",
-           "add_ablation_arguments", "collect_ablation", "expand_grid", "group_results", "load_plan", "paired_differences", "run_ablation",
+           "collect_ablation", "expand_grid", "group_results", "load_plan", "paired_differences", "run_ablation",
            "run_dir", "run_index", "run_one", "run_overrides", "write_plan", "write_slurm_script"]
-
-#: Named grids. A grid is ``{"variants": {name: overrides}, "axes": {key: [values]}, "overrides": {...}}``
-#: (variants x the cartesian product of axes), or a list of such grids run together.
-ABLATION_GRIDS: dict[str, Any] = {
-    # 2-core CPU: the demo preset (tiny CNN, 64x64) with fewer steps, ~40 min for 12 runs.
-    "quick": {
-        "base_config": "demo",
-        "overrides": {"train.steps": 300, "train.eval_every": 100, "train.checkpoint_every": 100},
-        "seeds": [0, 1, 2],
-        "variants": {
-            "ce": {"loss.name": "ce"},
-            "lcl": {"loss.name": "lcl"},
-            "lcl_sc": {"loss.name": "lcl_sc"},
-            "lcl_sc_no_tkmmp": {"loss.name": "lcl_sc", "loss.k_max": 1.0, "loss.alpha": 0.0},
-        },
-    },
-    # The full study of DESIGN.md (for a cluster): losses, pooling, EMA momentum, k, tau.
-    "full": [
-        {"variants": {
-            "ce": {"loss.name": "ce"},
-            "supcon": {"loss.name": "supcon"},
-            "lcl": {"loss.name": "lcl"},
-            "lcl_sc": {"loss.name": "lcl_sc"},
-            "lcl_sc_no_tkmmp": {"loss.name": "lcl_sc", "loss.k_max": 1.0, "loss.alpha": 0.0},
-            "lcl_sc_wildcat": {"loss.name": "lcl_sc", "loss.alpha": 1.0},
-        }},
-        {"variants": {"lcl_sc": {"loss.name": "lcl_sc"}}, "axes": {"loss.ema_momentum": [0.9, 0.999]}},
-        {"variants": {"lcl_sc": {"loss.name": "lcl_sc"}}, "axes": {"loss.k_max": [0.05, 0.25],
-                                                                   "loss.k_min": [0.05, 0.25]}},
-        {"variants": {"lcl_sc": {"loss.name": "lcl_sc"}}, "axes": {"loss.tau": [0.05, 0.2]}},
-    ],
-}
 
 SALIENCY_METRICS = ("dice@0.5", "dice@otsu", "iou@otsu", "dice@area", "pr_auc", "pointing_game",
                     "energy_pointing_game", "deletion_auc", "insertion_auc")
@@ -516,35 +485,6 @@ def write_slurm_script(out_dir: str, n_runs: int | None = None, command: str = "
 
 
 # ------------------------------------------------------------------------- command line
-
-
-def add_ablation_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the flags of the ablation command (``experiments/ablate.py``, ``lclsc ablate``) to ``p``."""
-    p.add_argument("--out", required=True, help="shared output folder (plan.json, runs/<name>/, tables)")
-    p.add_argument("--preset", default="quick", choices=sorted(ABLATION_GRIDS), help="which grid (default: quick)")
-    p.add_argument("--grid", metavar="JSON", help="a grid JSON file instead of --preset")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the grid's)")
-    p.add_argument("--config", help="base preset or JSON config (default: the grid's, e.g. demo)")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="overrides applied to every run; repeatable (--set a=1 --set b=2 sets both)")
-    p.add_argument("--folds", type=int, help="k-fold patient-wise CV per run instead of the fixed split")
-    p.add_argument("--workers", type=int, default=1,
-                   help="parallel child processes (default 1; 0 = in this process); >1 limits each to one thread")
-    p.add_argument("--saliency-images", type=int, default=16, help="test images scored per run (default 16)")
-    p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion AUC")
-    g = p.add_argument_group("cluster")
-    g.add_argument("--slurm", action="store_true", help="write OUT/plan.json and OUT/ablation.slurm, do not run")
-    g.add_argument("--run-index", type=int, help="run one entry of OUT/plan.json (a SLURM array task)")
-    g.add_argument("--collect", action="store_true", help="gather finished runs into the tables")
-    g.add_argument("--nodes", type=int, default=1, help="nodes per run (multi-host through jax.distributed)")
-    g.add_argument("--gpus-per-node", type=int, default=0)
-    g.add_argument("--cpus-per-task", type=int, default=8)
-    g.add_argument("--time", default="04:00:00", help="SLURM time limit per run")
-    g.add_argument("--partition")
-    g.add_argument("--max-parallel", type=int, help="at most this many array tasks at once")
-    g.add_argument("--slurm-command", default="python experiments/ablate.py",
-                   help="what each array task runs (default: python experiments/ablate.py)")
-    return p
 
 
 def ablation_command(args: argparse.Namespace) -> int:
