@@ -415,3 +415,10 @@ def test_no_tensorflow_imported(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_building_the_cache_prints_no_download_line(tmp_path, capfd):
+    data.load(synthetic=dataclasses.replace(SMALL, num_patients=3, images_per_patient=2), cache_dir=tmp_path)
+    out, err = capfd.readouterr()
+    assert "Downloading" not in out + err and "downloaded and prepared" not in out + err
+    assert "building the synthetic_pcle cache" in err

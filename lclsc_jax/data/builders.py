@@ -10,12 +10,15 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -270,14 +273,17 @@ def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuild
 
 
 def _quiet_prepare(builder: tfds.core.DatasetBuilder) -> None:
-    """download_and_prepare without network access or progress bars."""
+    """download_and_prepare without network access, progress bars or TFDS's "Downloading" lines; one notice on stderr."""
     from tensorflow_datasets.core.utils import tqdm_utils
 
     dl = tfds.download.DownloadConfig(try_download_gcs=False)
     was_active = tqdm_utils._active  # pylint: disable=protected-access
     tqdm_utils.display_progress_bar(False)
+    print(f"[data] building the {builder.name} cache (once; later runs reuse it)",
+          file=sys.stderr, flush=True)
     try:
-        builder.download_and_prepare(download_config=dl)
+        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading ..." though nothing downloads
+            builder.download_and_prepare(download_config=dl)
     finally:
         tqdm_utils.display_progress_bar(was_active)
 
