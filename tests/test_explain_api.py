@@ -172,7 +172,7 @@ def test_clear_errors(tiny, affine):
 
 
 @pytest.mark.slow
-def test_write_explanations_single_method_and_grid(affine, tmp_path):
+def test_write_explanations_single_method_and_grid(affine, tmp_path, capfd):
     model, v, x, g = affine
     u8 = (np.random.RandomState(0).rand(2, H, W_IMG, 3) * 255).astype(np.uint8)
     names = ["a/frame1.png", "frame2.tif"]
@@ -189,5 +189,7 @@ def test_write_explanations_single_method_and_grid(affine, tmp_path):
     base = {os.path.basename(p) for p in paths}
     assert "frame1_all.png" in base
     assert {f"frame1_{m}.npy" for m in explain.METHODS} <= base
+    err = capfd.readouterr().err  # "all" is slow: one progress line per method
+    assert all(f"/{len(explain.METHODS)} {m} " in err for m in explain.METHODS), err
     with pytest.raises(ValueError, match="unknown method"):
         explain.write_explanations(model, v, u8, names, str(tmp_path), "nope")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +67,7 @@ def write_explanations(
     batch_size: int = 8,
     score: str = "auto",
     display: np.ndarray | None = None,
+    progress: bool = True,
     **options: Any,
 ) -> list[str]:
     """Write per image ``<stem>_<method>.npy`` (the (H, W) map) and ``<stem>_<method>.png`` overlay.
@@ -77,7 +79,8 @@ def write_explanations(
     that cannot run on this model, e.g. ``sc`` without ``global_emb`` or on a plain classifier,
     are skipped) and writes ``<stem>_all.png``, a grid. The overlay title names the predicted
     class and its probability. Variables of a ``models.Model`` are checked first
-    (``models.check_variables``). Returns the written paths.
+    (``models.check_variables``). ``progress``: with several methods, one line per method on
+    stderr. Returns the written paths.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
@@ -108,8 +111,10 @@ def write_explanations(
     methods = list(METHODS) if method == "all" else [method]
     maps: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
-    for m in methods:
+    for k, m in enumerate(methods):
         st = "last" if m == "sc" else stage
+        if progress and len(methods) > 1:
+            print(f"[explain] {k + 1}/{len(methods)} {m} ({len(x)} image(s))", file=sys.stderr, flush=True)
         try:
             chunks = []
             for i in range(0, len(x), batch_size):
