@@ -181,7 +181,7 @@ def run_one(spec: Mapping[str, Any], out_dir: str, plan: Mapping[str, Any], prog
     workdir = run_dir(out_dir, spec["name"])
     overrides = run_overrides(spec, plan["base_overrides"])
     cfg = C.load(plan["base_config"], overrides)
-    contrastive = cfg.loss.name != "ce"
+    contrastive = C.uses_gei(cfg)
     multihost = jax.process_count() > 1
     if plan["folds"]:
         summary = cross_validate(cfg, workdir, folds=int(plan["folds"]), progress=progress, figures=False)

@@ -13,7 +13,7 @@ import numpy as np
 from lclsc_jax.train import loop
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train.checkpoint import Checkpointer
-from lclsc_jax.train.config import Config, from_dict
+from lclsc_jax.train.config import Config, from_dict, uses_gei
 from lclsc_jax.train.state import TrainState
 
 
@@ -37,7 +37,7 @@ class TrainedRun:
     @property
     def global_emb(self) -> jax.Array | None:
         """The EMA class embeddings ``(C, D)``, or None for a linear-head (``ce``) run."""
-        return None if self.cfg.loss.name == "ce" else self.state.global_emb
+        return self.state.global_emb if uses_gei(self.cfg) else None
 
 
 def load_run(workdir: str, which: str = "best", num_devices: int | None = None) -> TrainedRun:

@@ -15,7 +15,7 @@ from lclsc_jax.train import lock
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train import steps as steps_lib
 from lclsc_jax.train.checkpoint import Checkpointer, abstract_like, saved_steps
-from lclsc_jax.train.config import Config, from_dict, to_dict
+from lclsc_jax.train.config import Config, flatten, from_dict, override, to_dict, uses_gei
 from lclsc_jax.train.reporting import MetricWriter, Progress
 from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer
 
@@ -107,7 +107,7 @@ def build_model(cfg: Config, num_classes: int) -> Any:
 
     from lclsc_jax import models
 
-    return models.create(cfg.model.arch, num_classes, head="linear" if cfg.loss.name == "ce" else "gei",
+    return models.create(cfg.model.arch, num_classes, head="gei" if uses_gei(cfg) else "linear",
                          embed_dim=cfg.model.embed_dim, in_channels=cfg.data.channels,
                          dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32,
                          remat=cfg.model.remat)
@@ -212,7 +212,6 @@ def resolve_config(workdir: str, cfg: Config | None, overrides: dict[str, Any] |
     Anything else (another data source, image size, model, loss, ...) is an error naming the
     differing keys.
     """
-    from lclsc_jax.train.config import override
 
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
@@ -226,7 +225,6 @@ def resolve_config(workdir: str, cfg: Config | None, overrides: dict[str, Any] |
 
 def _check_resumable(workdir: str, saved: Config, cfg: Config | None, overrides: dict[str, Any] | None) -> None:
     """Raise ``ValueError`` naming the keys outside :data:`RESUMABLE_KEYS` that differ from the saved run."""
-    from lclsc_jax.train.config import flatten, override
 
     given = cfg if cfg is not None else saved
     given = override(given, overrides) if overrides else given
@@ -241,7 +239,6 @@ def _check_resumable(workdir: str, saved: Config, cfg: Config | None, overrides:
 
 def _refuse_repeated_divergence(workdir: str, cfg: Config) -> None:
     """Raise ``ValueError`` if the run diverged before with the same :data:`DIVERGENCE_KEYS` (it would again)."""
-    from lclsc_jax.train.config import flatten
 
     path = os.path.join(workdir, DIVERGED_FILE)
     if not os.path.exists(path):
@@ -460,7 +457,6 @@ def _explained(e: BaseException, run: _Run) -> BaseException:
 
 def _diverged(e: TrainingDiverged, run: _Run, on_disk: str) -> TrainingDiverged:
     """Record the divergence in ``diverged.json`` and say how to resume with other settings."""
-    from lclsc_jax.train.config import flatten
 
     flat = flatten(run.cfg)
     settings = {k: flat[k] for k in DIVERGENCE_KEYS}

@@ -16,7 +16,7 @@ import optax
 from lclsc_jax import method
 from lclsc_jax.method.transforms import NUM_DIHEDRAL
 from lclsc_jax.train import sharding as shd
-from lclsc_jax.train.config import Config
+from lclsc_jax.train.config import Config, uses_gei
 from lclsc_jax.train.state import TrainState
 
 TRAIN_KEYS = ("image", "label", "image_t", "transform")
@@ -82,7 +82,7 @@ def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tupl
         z = out["embedding"]
         metrics: dict[str, jax.Array] = {}
         aux: dict[str, jax.Array] = {"z": z, "labels": y}
-        if lc.name == "ce":
+        if not uses_gei(cfg):
             loss = method.cross_entropy_loss(out["logits"], y, label_smoothing=lc.label_smoothing)
             metrics["accuracy"] = jnp.mean(jnp.argmax(out["logits"], -1) == y)
             return loss, (metrics, new_bs, aux)
@@ -132,7 +132,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: Config
     ``nonfinite = 1`` so the loop can stop with the last good state.
     """
     loss_fn = make_loss_fn(model, cfg)
-    uses_gei = cfg.loss.name != "ce"
+    gei = uses_gei(cfg)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         rng, step_rng = jax.random.split(state.rng)
@@ -141,7 +141,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, cfg: Config
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         global_emb, seen = state.global_emb, state.seen
-        if uses_gei:
+        if gei:
             global_emb, seen = method.ema_update(global_emb, seen, jax.lax.stop_gradient(aux["z"]),
                                                  aux["labels"], momentum=cfg.loss.ema_momentum)
         grad_norm = optax.tree.norm(grads)
@@ -166,7 +166,7 @@ def make_eval_step(model: Any, cfg: Config) -> Callable[[TrainState, dict[str, j
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
         out = model.apply(state.variables, batch["image"].astype(dtype), train=False)
-        if cfg.loss.name == "ce":
+        if not uses_gei(cfg):
             logits = out["logits"].astype(jnp.float32)
         else:
             logits = method.gei_logits(out["embedding"], state.global_emb, tau=tau)
