@@ -246,9 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"lclsc {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lclsc {args.command}: error: {msg}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # a KeyError is a bug: it keeps its traceback
+        print(f"lclsc {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder
         print(f"lclsc {args.command}: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),

@@ -389,13 +389,14 @@ def test_label_without_training_rows_in_a_split_manifest(dataset, tmp_path, caps
 def test_evaluate_other_data_unknown_label_and_class_subset(folder_run, dataset, tmp_path, capsys, user_cache):
     """``evaluate --data``: a label the run does not know names its CSV line; a subset of the classes is scored."""
     files = [f for f in dataset["files"] if f[1] != "gravel"]
-    bad = _write_manifest(tmp_path / "other.csv", files[:5], masks=False,
-                          extra_rows=[[os.path.relpath(files[5][0], tmp_path), "marble", "pt50"]])
+    here = Path(files[0][0]).parents[3]  # manifests live above the frames (paths may not leave their folder)
+    bad = _write_manifest(here / "other.csv", files[:5], masks=False,
+                          extra_rows=[[os.path.relpath(files[5][0], here), "marble", "pt50"]])
     assert cli.main(["evaluate", "--workdir", str(folder_run), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad} line 7" in err and "unknown label 'marble'" in err
 
-    subset = _write_manifest(tmp_path / "subset.csv", files, masks=False)  # brick and grass only
+    subset = _write_manifest(here / "subset.csv", files, masks=False)  # brick and grass only
     out = tmp_path / "eval_subset"
     assert cli.main(["evaluate", "--workdir", str(folder_run), "--data", str(subset), "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())

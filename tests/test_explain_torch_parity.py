@@ -44,8 +44,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 
 from lclsc_jax import explain, models  # noqa: E402
 
-interop = pytest.importorskip("lclsc_jax.interop")
-tref = pytest.importorskip("lclsc_jax.interop.torch_reference")
+from lclsc_jax import interop  # noqa: E402 - the project itself: an import error must fail, not skip
+from lclsc_jax.interop import torch_reference as tref  # noqa: E402
 
 # The pytorch-grad-cam class of every method the registry says is parity-tested against it.
 CLASSES = {s.name: s.reference.split(".")[-1] for s in explain.REGISTRY if s.reference.startswith("pytorch_grad_cam.")}
