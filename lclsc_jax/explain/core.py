@@ -57,11 +57,6 @@ class Scorer:
         ref = normalize(self.reference).reshape(self.reference.shape[:1] + (1,) * (len(lead) - 1) + (-1,))
         return jnp.sum(zn * ref, axis=-1, keepdims=True)
 
-    @property
-    def num_outputs_known(self) -> bool:
-        """True for the single-output embedding target (no class choice)."""
-        return self.kind == "embedding"
-
 
 def make_scorer(
     model: Any,

@@ -27,7 +27,6 @@ from lclsc_jax.method.transforms import (
     NUM_DIHEDRAL,
     dihedral,
     dihedral_batch,
-    dihedral_inverse,
     dihedral_np,
 )
 
@@ -40,7 +39,6 @@ __all__ = [
     "cross_entropy_loss",
     "dihedral",
     "dihedral_batch",
-    "dihedral_inverse",
     "dihedral_np",
     "ema_update",
     "equivariance_loss",

@@ -38,11 +38,3 @@ def dihedral(x: jax.Array, t: jax.Array | int, axes: tuple[int, int] = (0, 1)) -
 def dihedral_batch(x: jax.Array, t: jax.Array) -> jax.Array:
     """Per-sample dihedral transforms of a batch ``x (B, H, W, ...)`` with ``t (B,)``; H == W."""
     return jax.vmap(lambda xi, ti: dihedral(xi, ti, (0, 1)))(x, t)
-
-
-def dihedral_inverse(t: jax.Array | int) -> jax.Array | int:
-    """Index of the inverse transform: rotations invert to 4 - r, flips are involutions."""
-    if isinstance(t, (int, np.integer)):
-        return (4 - int(t)) % 4 if int(t) < 4 else int(t)
-    t = jnp.asarray(t)
-    return jnp.where(t < 4, (4 - t) % 4, t)

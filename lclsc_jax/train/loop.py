@@ -69,10 +69,8 @@ def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
     """Patient-wise train/val/test record indices, fixed by ``cfg.data.split_seed``."""
     from lclsc_jax import data
 
-    return data.patient_split(ds.patients, ds.labels, val_fraction=cfg.data.val_fraction,
-                              test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed,
-                              split_column=getattr(ds, "split_column", None),
-                              class_names=getattr(ds, "class_names", None))
+    return data.splits_for(ds, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
+                           seed=cfg.data.split_seed)
 
 
 def check_training_classes(ds: Any, splits: dict[str, np.ndarray], source: str | None = None) -> None:
