@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist in --out")
+    p.add_argument("--no-fov", action="store_true",
+                   help="keep maps outside a circular field of view (default: frames with dark corners get maps "
+                        "restricted to the field of view, where the tissue is)")
     _add_checkpoint(p)
 
     p = sub.add_parser("cv", help="patient-wise k-fold or leave-one-patient-out cross-validation",
@@ -375,7 +378,7 @@ def _explain(args: argparse.Namespace) -> int:
     run = inference.load_run(args.workdir, args.checkpoint)
     images = inference.load_images(run.cfg, args.images)
     written = explain.write_explanations(run.model, run.variables, images, _output_names(args.images),
-                                         args.out, args.method or "sc", args.stage, global_emb=run.global_emb,
+                                         args.out, args.method or "sc", args.stage, global_emb=run.global_emb, fov=not args.no_fov,
                                          class_names=run.class_names, tau=run.cfg.loss.tau)
     for path in written:
         print(path)
@@ -419,7 +422,7 @@ def _explain_torch_weights(args: argparse.Namespace) -> int:
     else:
         x = u8.astype(np.float32) / np.float32(255.0)
     written = explain.write_explanations(model, variables, x, _output_names(args.images), args.out,
-                                         args.method or "gradcam", args.stage, class_names=classes,
+                                         args.method or "gradcam", args.stage, class_names=classes, fov=not args.no_fov,
                                          display=u8.astype(np.float32) / np.float32(255.0))
     for path in written:
         print(path)

@@ -193,3 +193,27 @@ def test_write_explanations_single_method_and_grid(affine, tmp_path, capfd):
     assert all(f"/{len(explain.METHODS)} {m} " in err for m in explain.METHODS), err
     with pytest.raises(ValueError, match="unknown method"):
         explain.write_explanations(model, v, u8, names, str(tmp_path), "nope")
+
+
+def test_maps_of_fibre_bundle_frames_are_restricted_to_the_field_of_view(affine, tmp_path):
+    from lclsc_jax.evaluate import shortcuts
+
+    model, v, _, g = affine
+    rs = np.random.RandomState(1)
+    u8 = (rs.rand(2, H, W_IMG, 3) * 200 + 55).astype(np.uint8)
+    disc = shortcuts.inscribed_disc(H, W_IMG)
+    u8[:, ~disc] = 0  # a pCLE frame: black outside the circular field of view
+    raw = explain.write_explanations(model, v, u8, ["f0.png", "f1.png"], str(tmp_path / "raw"), "gradcam",
+                                     global_emb=g, fov=False)
+    inside = explain.write_explanations(model, v, u8, ["f0.png", "f1.png"], str(tmp_path / "fov"), "gradcam",
+                                        global_emb=g)
+    assert len(raw) == len(inside) == 4
+    for stem in ("f0", "f1"):
+        r = np.load(tmp_path / "raw" / f"{stem}_gradcam.npy")
+        m = np.load(tmp_path / "fov" / f"{stem}_gradcam.npy")
+        assert (r[~disc] > 0).any()  # the unrestricted map does put weight on the black corners
+        assert (m[~disc] == 0).all() and m.max() == pytest.approx(1.0)
+        # inside, the same map up to one scale factor (rescaled to its maximum there)
+        valid = m > 0
+        ratio = m[valid] / r[valid]
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)

@@ -31,6 +31,28 @@ def _display_and_inputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return denormalize_images(x), x
 
 
+def field_of_view(display: np.ndarray) -> np.ndarray | None:
+    """The circular field of view ``(H, W)`` bool of frames ``display (N, H, W, C)`` in [0, 1], or None.
+
+    None when the frames have no dark corners (not a fibre-bundle image) or are too small to tell.
+    """
+    from lclsc_jax.evaluate import shortcuts
+
+    try:
+        return shortcuts.estimate_fov(np.clip(display * 255.0, 0, 255).astype(np.uint8))["valid"]
+    except ValueError:
+        return None
+
+
+def restrict_to_fov(maps: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """``maps (N, H, W)`` in [0, 1] set to 0 outside ``valid (H, W)`` and rescaled to max 1 inside."""
+    if valid is None:
+        return maps
+    inside = maps * valid
+    peak = inside.reshape(len(inside), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.where(peak > 0, inside / np.maximum(peak, 1e-12), inside).astype(np.float32)
+
+
 def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5) -> None:
     """Draw ``heat (H, W)`` in [0, 1] (jet) over ``image (H, W, C)`` in [0, 1] on a matplotlib axis."""
     img = image[..., 0] if image.shape[-1] == 1 else image[..., :3]
@@ -68,6 +90,7 @@ def write_explanations(
     score: str = "auto",
     display: np.ndarray | None = None,
     progress: bool = True,
+    fov: bool = True,
     **options: Any,
 ) -> list[str]:
     """Write per image ``<stem>_<method>.npy`` (the (H, W) map) and ``<stem>_<method>.png`` overlay.
@@ -80,7 +103,9 @@ def write_explanations(
     are skipped) and writes ``<stem>_all.png``, a grid. The overlay title names the predicted
     class and its probability. Variables of a ``models.Model`` are checked first
     (``models.check_variables``). ``progress``: with several methods, one line per method on
-    stderr. Returns the written paths.
+    stderr. ``fov``: for frames with a circular field of view (dark corners), the maps written and
+    shown are restricted to it (0 outside, rescaled inside; a pCLE frame has no tissue there) and
+    the figures say so; ``False`` keeps the raw maps. Returns the written paths.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
@@ -108,6 +133,8 @@ def write_explanations(
     labels = list(class_names) if class_names is not None else [str(c) for c in range(probs.shape[-1])]
     tgt = None if targets is None else np.asarray(targets, np.int32)
 
+    valid = field_of_view(display) if fov else None
+    fov_note = " [maps inside the field of view]" if valid is not None else ""
     methods = list(METHODS) if method == "all" else [method]
     maps: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
@@ -122,7 +149,7 @@ def write_explanations(
                 chunks.append(np.asarray(saliency(m, model, variables, x[i:i + batch_size], t, st,
                                                   global_emb=global_emb, tau=tau, score=score,
                                                   **(options if method != "all" else {}))))
-            maps[m] = np.concatenate(chunks)
+            maps[m] = restrict_to_fov(np.concatenate(chunks), valid)
         except ValueError as e:
             if method != "all":
                 raise
@@ -144,7 +171,7 @@ def write_explanations(
             ax = fig.subplots(1, 2)
             overlay(ax[0], display[i], np.zeros_like(maps[method][i]), "image", alpha=0.0)
             overlay(ax[1], display[i], maps[method][i], method)
-            fig.suptitle(head, fontsize=9)
+            fig.suptitle(head + fov_note, fontsize=9)
             path = os.path.join(out_dir, f"{stem}_{method}.png")
         else:
             cells = ["image"] + list(maps)
@@ -160,7 +187,7 @@ def write_explanations(
                 else:
                     overlay(ax, display[i], maps[m][i], m)
             note = f" (skipped: {', '.join(sorted(skipped))})" if skipped else ""
-            fig.suptitle(head + note, fontsize=9)
+            fig.suptitle(head + fov_note + note, fontsize=9)
             path = os.path.join(out_dir, f"{stem}_all.png")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
