@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from sklearn import metrics as skm
 
 __all__ = [
     "ECE_BINS",
@@ -101,23 +102,7 @@ def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
         raise ValueError(f"y_true {y.shape} and y_pred {yp.shape} differ in length")
     if y.size and (min(y.min(), yp.min()) < 0 or max(y.max(), yp.max()) >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}")
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (y, yp), 1)
-    return cm
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x (N,)`` with ties given the average of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    # Start index of each run of equal values, and each run's average 1-based rank.
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], xs.size]
-    avg = (starts + 1 + ends) / 2.0  # mean of (start+1 .. end)
-    run_id = np.cumsum(np.r_[True, xs[1:] != xs[:-1]]) - 1
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = avg[run_id]
-    return ranks
+    return skm.confusion_matrix(y, yp, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def binary_auroc(y_binary: Any, scores: Any) -> float | None:
@@ -130,9 +115,7 @@ def binary_auroc(y_binary: Any, scores: Any) -> float | None:
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = _average_ranks(s)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(skm.roc_auc_score(y, s))  # = Mann-Whitney U / (n_pos n_neg), ties count 1/2
 
 
 def roc_curve_points(y_binary: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,14 +127,9 @@ def roc_curve_points(y_binary: Any, scores: Any) -> tuple[np.ndarray, np.ndarray
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("ROC curve needs both positive and negative samples")
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_run = np.r_[s_sorted[1:] != s_sorted[:-1], True]  # threshold = each distinct score
-    tp = np.cumsum(y_sorted)[last_of_run]
-    fp = np.cumsum(~y_sorted)[last_of_run]
-    fpr = np.r_[0.0, fp / n_neg]
-    tpr = np.r_[0.0, tp / n_pos]
-    thresholds = np.r_[np.inf, s_sorted[last_of_run]]
+    fpr, tpr, thresholds = skm.roc_curve(y, s, drop_intermediate=False)
+    thresholds = thresholds.astype(np.float64)
+    thresholds[0] = np.inf  # the (0, 0) point: nothing is called positive
     return fpr, tpr, thresholds
 
 

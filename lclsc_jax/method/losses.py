@@ -5,6 +5,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from lclsc_jax.method.common import check_labels, compute_dtype
 
@@ -21,9 +22,6 @@ def cross_entropy_loss(
     check_labels(labels, logits.shape[0])
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    logp = jax.nn.log_softmax(logits.astype(compute_dtype(logits)), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    if label_smoothing:
-        # -sum_c (s / C) log p_c  +  (1 - s) * nll
-        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
-    return jnp.mean(nll)
+    logits = logits.astype(compute_dtype(logits))
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
