@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Sequence
 
 from lclsc_jax.protocols.grids import ABLATION_GRIDS
@@ -237,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PYTHON_FORMATWARNING = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings' signature
+    """The project's own warnings (data, splits) as one ``warning: ...`` line, without file and line number."""
+    if category.__module__.startswith("lclsc_jax"):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMATWARNING(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lclsc`` command; what a user can fix is one line on stderr, not a traceback.
 
@@ -244,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     full or read-only), 130 Ctrl-C.
     """
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt as e:

@@ -200,3 +200,13 @@ def test_explain_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
     with pytest.raises(ValueError, match="f0_gradcam.npy exists"):
         cli._refuse_overwrite(parser.parse_args(["explain", "--torch-weights", "w.pth", "--arch", "resnet18",
                                                  str(img), "--out", str(out)]))
+
+
+def test_cli_prints_the_projects_warnings_as_one_line():
+    from lclsc_jax import cli
+    from lclsc_jax.data import splits as data_splits
+
+    text = cli._format_warning("a class has no val records", data_splits.SplitWarning, "/x/splits.py", 145)
+    assert text == "warning: a class has no val records\n"
+    other = cli._format_warning("legend", UserWarning, "/x/plots.py", 106)  # not ours: Python's format
+    assert other.startswith("/x/plots.py:106: UserWarning: legend")

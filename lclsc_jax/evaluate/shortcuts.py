@@ -37,7 +37,7 @@ __all__ = [
     "corner_means",
     "detect_circular_fov",
     "dog_map",
-    "estimate_fov",
+    "estimate_fov", "fov_or_none",
     "feature_group",
     "feature_names",
     "global_statistics",
@@ -169,6 +169,14 @@ def estimate_fov(images: Any, *, dark_level: float = 0.08, min_fraction: float =
 
 # ------------------------------------------------------------------- global statistics
 
+
+
+def fov_or_none(images: Any) -> np.ndarray | None:
+    """The measured field of view ``(H, W)`` of frames ``(N, H, W[, C])`` uint8, or None (not circular, too small)."""
+    try:
+        return estimate_fov(images)["valid"]
+    except ValueError:  # frames too small to have corners
+        return None
 
 def spectrum_band_edges(h: int, w: int, n_bands: int = N_SPECTRUM_BANDS) -> np.ndarray:
     """``(n_bands + 1,)`` log-spaced radial frequency edges (cycles/px), lowest non-zero frequency to the corner."""

@@ -38,10 +38,7 @@ def field_of_view(display: np.ndarray) -> np.ndarray | None:
     """
     from lclsc_jax.evaluate import shortcuts
 
-    try:
-        return shortcuts.estimate_fov(np.clip(display * 255.0, 0, 255).astype(np.uint8))["valid"]
-    except ValueError:
-        return None
+    return shortcuts.fov_or_none(np.clip(display * 255.0, 0, 255).astype(np.uint8))
 
 
 def restrict_to_fov(maps: np.ndarray, valid: np.ndarray | None) -> np.ndarray:

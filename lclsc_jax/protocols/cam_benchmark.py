@@ -311,13 +311,8 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     blind_names = shortcuts.BLIND_MAPS if blind is None else tuple(blind)
     # Blind maps are computed inside the measured field of view (a dark rim inside the inscribed disc
     # is not texture) and scored like every other row.
-    map_valid = valid
-    if fov and blind_names:
-        try:
-            est = shortcuts.estimate_fov(images)["valid"]
-            map_valid = valid if est is None else est
-        except ValueError:  # frames too small to have corners: keep the benchmark's FOV
-            pass
+    est = shortcuts.fov_or_none(images) if fov and blind_names else None
+    map_valid = valid if est is None else est
     for name in blind_names:  # class-blind floor: same images, masks, field of view and scoring
         score(f"blind:{name}", BLIND_STAGE,
               lambda n=name: shortcuts.blind_map(n, images, map_valid, seed=0).astype(np.float32))
