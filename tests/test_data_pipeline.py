@@ -1,4 +1,4 @@
-"""grain pipelines: global determinism across process counts, sharding, restore, second view, eval."""
+"""grain pipelines: global determinism across process counts, sharding, restore, eval."""
 
 from __future__ import annotations
 
@@ -39,12 +39,14 @@ def _assert_batches_equal(a, b):
 
 
 def test_batch_layout(ds):
-    b = next(_it(ds, second_view=True))
+    b = next(_it(ds))
+    assert set(b) == {"image", "label", "mask", "index"}  # no host-side second view
     assert b["image"].shape == (4, 32, 32, 1) and b["image"].dtype == np.float32
-    assert b["image_t"].shape == (4, 32, 32, 1) and b["image_t"].dtype == np.float32
-    assert b["label"].dtype == np.int32 and b["transform"].dtype == np.int32
+    assert b["label"].dtype == np.int32 and b["index"].dtype == np.int64
     assert b["mask"].shape == (4, 32, 32) and b["mask"].dtype == np.uint8
     np.testing.assert_array_equal(b["label"], ds.labels[b["index"]])
+    with pytest.raises(TypeError, match="second_view"):  # the train step draws D4 on the device
+        _it(ds, second_view=True)
 
 
 def test_each_epoch_is_a_fresh_permutation_of_the_indices(ds):
@@ -89,20 +91,10 @@ def test_affine_and_intensity_keep_masks_binary_and_images_bounded(ds):
         assert b["image"].min() >= -2.0 - 1e-6 and b["image"].max() <= 2.0 + 1e-6
 
 
-def test_second_view_is_exact_dihedral_of_first(ds):
-    seen = []
-    for b in _take(_it(ds, second_view=True, seed=2), 6):
-        for x, xt, t in zip(b["image"], b["image_t"], b["transform"]):
-            assert 0 <= t < 8
-            np.testing.assert_array_equal(xt, dihedral_np(x, int(t)))
-            seen.append(int(t))
-    assert len(set(seen)) >= 5
-
-
 @pytest.mark.parametrize("n_proc", [2, 4])
 def test_process_shards_are_disjoint_and_cover_the_global_batch(ds, n_proc):
-    ref = _take(_it(ds, second_view=True), 6)
-    shards = [_take(_it(ds, p, n_proc, second_view=True), 6) for p in range(n_proc)]
+    ref = _take(_it(ds), 6)
+    shards = [_take(_it(ds, p, n_proc), 6) for p in range(n_proc)]
     for s, full in enumerate(ref):
         parts = [shards[p][s] for p in range(n_proc)]
         for p, part in enumerate(parts):
@@ -117,11 +109,11 @@ def test_process_shards_are_disjoint_and_cover_the_global_batch(ds, n_proc):
 
 
 def test_get_state_set_state_resumes_exactly(ds):
-    it = _it(ds, second_view=True, seed=4)
+    it = _it(ds, seed=4)
     _take(it, 3)
     state = it.get_state()
     expected = _take(it, 5)  # crosses an epoch boundary
-    fresh = _it(ds, second_view=True, seed=4)
+    fresh = _it(ds, seed=4)
     fresh.set_state(state)
     for a, b in zip(_take(fresh, 5), expected):
         _assert_batches_equal(a, b)
@@ -183,8 +175,8 @@ def test_normalisation_round_trip():
 
 @pytest.mark.slow
 def test_multiprocess_workers_give_the_same_batches(ds):
-    ref = _take(_it(ds, second_view=True, seed=6), 4)
-    it = _it(ds, second_view=True, seed=6, num_workers=2)
+    ref = _take(_it(ds, seed=6), 4)
+    it = _it(ds, seed=6, num_workers=2)
     try:
         got = _take(it, 4)
         state = it.get_state()
@@ -193,7 +185,7 @@ def test_multiprocess_workers_give_the_same_batches(ds):
         it.close()
     for a, b in zip(got, ref):
         _assert_batches_equal(a, b)
-    fresh = _it(ds, second_view=True, seed=6, num_workers=2)
+    fresh = _it(ds, seed=6, num_workers=2)
     try:
         fresh.set_state(state)
         for a, b in zip(_take(fresh, 2), more):

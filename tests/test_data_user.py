@@ -109,7 +109,7 @@ def _write_manifest(tmp: Path, rng, with_masks=True, split=True) -> tuple[Path, 
         m[2 + i : 9 + i, 3:12] = 255
         Image.fromarray(m).save(imgs / f"{i}_m.png")
         label = ["b", "a", "c"][i % 3]
-        patient = f"pt{i // 2}"
+        patient = f"pt{i}"  # one label per patient (read_manifest refuses a patient with two)
         sp = ["train", "train", "val", "val", "test", "test"][i]
         row = [f"imgs/{i}.png", label, patient]
         row += [f"imgs/{i}_m.png"] if with_masks else []

@@ -210,3 +210,44 @@ def test_cli_prints_the_projects_warnings_as_one_line():
     assert text == "warning: a class has no val records\n"
     other = cli._format_warning("legend", UserWarning, "/x/plots.py", 106)  # not ours: Python's format
     assert other.startswith("/x/plots.py:106: UserWarning: legend")
+
+
+# ------------------------------------------------------------------------------ one label per patient (CSV)
+
+
+def _two_label_manifest(tmp_path: Path) -> Path:
+    """A manifest whose patient 'p1' is 'benign' on line 2 and 'malign' on line 4 (line 3: another patient)."""
+    for k, name in enumerate(["a.png", "b.png", "c.png"]):
+        _png(tmp_path / "m" / name, seed=k)
+    return _manifest(tmp_path / "m" / "manifest.csv",
+                     [("a.png", "benign", "p1"), ("b.png", "malign", "p2"), ("c.png", "malign", "p1")])
+
+
+def test_a_patient_with_two_labels_in_a_manifest_is_an_error(tmp_path):
+    csv_path = _two_label_manifest(tmp_path)
+    with pytest.raises(data.DataError, match="patient 'p1'") as e:
+        data.read_manifest(csv_path)
+    msg = str(e.value)
+    assert f"{csv_path} line 4" in msg and f"{csv_path} line 2" in msg
+    assert "'benign'" in msg and "'malign'" in msg
+    with pytest.raises(data.DataError, match="patient 'p1'"):
+        data.load(str(csv_path), image_size=16, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    ok = _manifest(tmp_path / "m" / "ok.csv",  # the same patient on several rows with one label: fine
+                   [("a.png", "benign", "p1"), ("b.png", "malign", "p2"), ("c.png", "benign", "p1")])
+    assert [r.patient for r in data.read_manifest(ok)[1]] == ["p1", "p2", "p1"]
+
+
+def test_cli_train_refuses_a_patient_with_two_labels(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LCLSC_DATA_DIR", str(tmp_path / "cache"))
+    csv_path = _two_label_manifest(tmp_path)
+    work = tmp_path / "run"
+    code = cli.main(["train", "--workdir", str(work), "--config", "tiny", "--data", str(csv_path), "--no-progress",
+                     "--set", "data.image_size=16"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("lclsc train: error: ")
+    assert f"{csv_path} line 4" in err and f"{csv_path} line 2" in err and "'benign'" in err and "'malign'" in err
+    assert not work.exists(), "a rejected --data must not leave a run behind"

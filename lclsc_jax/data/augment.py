@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from lclsc_jax.method.transforms import NUM_DIHEDRAL, dihedral_np
+from lclsc_jax.method.transforms import dihedral_np
 
 NORM_MEAN = 0.5
 NORM_STD = 0.25
@@ -92,8 +92,3 @@ def augment_record(
         mu = x.mean()
         x = np.clip((x - mu) * np.float32(c) + np.float32(mu + b), 0.0, 1.0)
     return x.astype(np.float32, copy=False), m
-
-
-def random_dihedral(rng: np.random.Generator) -> int:
-    """A dihedral index uniform in 0..7."""
-    return int(rng.integers(0, NUM_DIHEDRAL))

@@ -232,6 +232,15 @@ def _flag(value: str | None, where: str) -> bool | None:
     raise DataError(f"{where}: diagnostic '{value}' must be one of 1/0/true/false/yes/no")
 
 
+def _check_one_label(first_row: dict[str, tuple[str, str]], patient: str, label: str, where: str) -> None:
+    """Raise ``DataError`` when manifest row ``where`` gives ``patient`` another label than its first row."""
+    first_where, first_label = first_row.setdefault(patient, (where, label))
+    if first_label != label:
+        raise DataError(f"{where}: patient '{patient}' has label '{label}' here but '{first_label}' at {first_where}; "
+                        "a patient is one subject with one diagnosis, so all its rows need one label "
+                        "(give them different patient ids if they are different patients)")
+
+
 def read_manifest(
     csv_path: str | os.PathLike, class_names: tuple[str, ...] | None = None
 ) -> tuple[tuple[str, ...], list[RecordSpec]]:
@@ -240,6 +249,8 @@ def read_manifest(
     Paths are relative to the CSV's folder. Without ``class_names`` the classes are the
     sorted distinct labels; with them, any other label is an error naming its row.
     ``frame`` is a non-negative integer, ``diagnostic`` one of 1/0/true/false/yes/no.
+    A patient is one subject with one diagnosis: a patient id given two labels is a
+    ``DataError`` naming both rows (as a folder source refuses a patient under two classes).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -266,6 +277,7 @@ def read_manifest(
         class_names = tuple(labels_seen)
     index = {c: i for i, c in enumerate(class_names)}
     records = []
+    first_row: dict[str, tuple[str, str]] = {}  # patient -> (where, label) of its first row
     for line, r in rows:
         where = f"{csv_path} line {line}"
         for col in MANIFEST_COLUMNS:
@@ -273,6 +285,7 @@ def read_manifest(
                 raise DataError(f"{where}: empty '{col}'")
         if r["label"] not in index:
             raise DataError(f"{where}: unknown label '{r['label']}' (known: {list(class_names)})")
+        _check_one_label(first_row, r["patient"], r["label"], where)
         path = base / r["path"]
         if not path.is_file():
             raise DataError(f"{where}: image path '{r['path']}' does not exist ({path})")

@@ -19,7 +19,7 @@ from lclsc_jax.train import sharding as shd
 from lclsc_jax.train.config import Config, uses_gei
 from lclsc_jax.train.state import TrainState
 
-TRAIN_KEYS = ("image", "label", "image_t", "transform")
+TRAIN_KEYS = ("image", "label")
 EVAL_KEYS = ("image", "label")
 
 
@@ -90,11 +90,8 @@ def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tupl
         out_t, t = None, None
         if second_view:
             sub = slice(None, None, lc.eq_stride)
-            if "image_t" in batch and "transform" in batch:
-                x_t, t = batch["image_t"][sub], batch["transform"][sub].astype(jnp.int32)
-            else:
-                t = jax.random.randint(rng, (x[sub].shape[0],), 0, NUM_DIHEDRAL)
-                x_t = method.apply_transform(x[sub], t)
+            t = jax.random.randint(rng, (x[sub].shape[0],), 0, NUM_DIHEDRAL)
+            x_t = method.apply_transform(x[sub], t)
             # A separate forward pass: the views stay on the devices that hold them (no resharding);
             # BN statistics of the running average follow the first view only.
             out_t, _ = forward(params, state.batch_stats, x_t)
