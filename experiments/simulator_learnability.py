@@ -24,7 +24,7 @@ import numpy as np
 from lclsc_jax import data
 from lclsc_jax.data import tissue
 from lclsc_jax.train import config as C
-from lclsc_jax.protocols import inference
+from lclsc_jax.protocols import runs
 from lclsc_jax.train import loop
 
 
@@ -54,8 +54,8 @@ def main() -> None:
     t0 = time.time()
     loop.train(cfg, work, dataset=ds, progress=False)
     train_s = time.time() - t0
-    run = inference.load_run(work, "latest")
-    res = inference.predict_records(run, ds, loop.make_splits(cfg, ds)["test"])
+    run = runs.load_run(work, "latest")
+    res = runs.predict(run, ds, loop.make_splits(cfg, ds)["test"])
     pred, y = res["probs"].argmax(-1), res["label"]
     correct = pred == y
     cm = np.zeros((len(ds.class_names),) * 2, int)

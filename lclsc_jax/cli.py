@@ -278,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from lclsc_jax.train import config as C
     from lclsc_jax.train import loop, sharding
+    from lclsc_jax.train.reporting import log
 
     sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                           args.local_devices)
@@ -289,7 +290,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = C.load(args.config) if args.config else None
     cfg = loop.resolve_config(args.workdir, cfg, overrides)
     summary = loop.train(cfg, args.workdir, init_from=args.init_from, progress=not args.no_progress)
-    loop._log(f"finished at step {summary['step']}; validation: {summary['val']}")
+    log(f"finished at step {summary['step']}; validation: {summary['val']}")
     return 0
 
 
@@ -322,9 +323,9 @@ def _output_names(paths: Sequence[str]) -> list[str]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lclsc_jax.protocols import inference
+    from lclsc_jax.protocols import runs
 
-    m = inference.evaluate_run(args.workdir, _data_source(args.data) if args.data else None, args.split,
+    m = runs.evaluate_run(args.workdir, _data_source(args.data) if args.data else None, args.split,
                                args.checkpoint, args.out)
     print(format_metrics(m))
     print(f"written: {os.path.join(args.out or os.path.join(args.workdir, 'eval'), 'metrics.json')}")
@@ -340,9 +341,9 @@ def format_metrics(m: dict) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from lclsc_jax.protocols import inference
+    from lclsc_jax.protocols import runs
 
-    rows = inference.predict_files(args.workdir, args.images, args.checkpoint)
+    rows = runs.predict_files(args.workdir, args.images, args.checkpoint)
     for r in rows:
         if args.json:
             print(json.dumps(r))
@@ -385,10 +386,10 @@ def _explain(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} goes with --torch-weights; a run (--workdir) has its own")
     if args.normalize not in (None, "lclsc"):
         raise ValueError(f"--normalize {args.normalize}: a run's images are normalised as in training (lclsc)")
-    from lclsc_jax.protocols import inference
+    from lclsc_jax.protocols import runs
 
-    run = inference.load_run(args.workdir, args.checkpoint)
-    images = inference.load_images(run.cfg, args.images)
+    run = runs.load_run(args.workdir, args.checkpoint)
+    images = runs.load_images(run.cfg, args.images)
     written = explain.write_explanations(run.model, run.variables, images, _output_names(args.images),
                                          args.out, args.method or "sc", args.stage, global_emb=run.global_emb, fov=not args.no_fov,
                                          class_names=run.class_names, tau=run.cfg.loss.tau)
@@ -534,8 +535,8 @@ def _config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """Train the demo preset, evaluate on held-out patients, write saliency figures."""
     from lclsc_jax import data
+    from lclsc_jax.protocols import runs
     from lclsc_jax.train import config as C
-    from lclsc_jax.protocols import inference
     from lclsc_jax.train import loop
 
     t0 = time.time()
@@ -544,13 +545,13 @@ def _demo(args: argparse.Namespace) -> int:
           f"({cfg.data.image_size}x{cfg.data.image_size}) in {args.workdir}", flush=True)
     loop.train(cfg, args.workdir)
     t_train = time.time() - t0
-    metrics = inference.evaluate_run(args.workdir, split="test")
+    metrics = runs.evaluate_run(args.workdir, split="test")
     print(format_metrics(metrics))
     fig_dir = os.path.join(args.workdir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    run = inference.load_run(args.workdir)
+    run = runs.load_run(args.workdir)
     ds = loop.load_dataset(run.cfg)
-    test_idx = inference.run_splits(args.workdir, run.cfg, ds)["test"]
+    test_idx = runs.run_splits(args.workdir, run.cfg, ds)["test"]
     data.render_examples(ds, 12, os.path.join(fig_dir, "synthetic_examples.png"))
     data.render_panel(ds, os.path.join(fig_dir, "pcle_panel.png"))
     written = _demo_saliency(run, ds, test_idx, fig_dir)

@@ -14,7 +14,7 @@ from lclsc_jax import data, explain, models
 from lclsc_jax.protocols import cam_benchmark as cb
 from lclsc_jax.evaluate import shortcuts
 from lclsc_jax.train import config as C
-from lclsc_jax.protocols import inference
+from lclsc_jax.protocols import runs
 from lclsc_jax.train import loop
 
 
@@ -87,7 +87,7 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
             assert 0.0 <= r[k] <= 1.0, k
 
     # Independent recomputation of gradcam@stage4 Dice at 0.5 inside the field of view.
-    run = inference.load_run(tiny_run)
+    run = runs.load_run(tiny_run)
     ds = loop.load_dataset(run.cfg)
     with open(os.path.join(out, "cam_benchmark.json")) as f:
         meta = json.load(f)

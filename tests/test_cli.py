@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lclsc_jax import cli
-from lclsc_jax.protocols import inference
+from lclsc_jax.protocols import runs
 
 
 def _lclsc(*args, **kw):
@@ -28,7 +28,7 @@ def cache(tmp_path_factory):
 
 
 def _params(workdir):
-    run = inference.load_run(str(workdir), "latest", num_devices=1)
+    run = runs.load_run(str(workdir), "latest", num_devices=1)
     return run.step, [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(run.state.params))], \
         np.asarray(run.state.global_emb)
 

@@ -7,6 +7,7 @@
 """
 
 from lclsc_jax.data.augment import AugmentConfig, augment_record, denormalize_images, normalize_images
+from lclsc_jax.data.batching import array_batches, pad_rows
 from lclsc_jax.data.builders import (
     Dataset,
     LclscUserImages,
@@ -46,6 +47,7 @@ __all__ = [
     "RecordSource",
     "SyntheticConfig",
     "SyntheticPcle",
+    "array_batches",
     "augment_record",
     "check_disjoint",
     "default_cache_dir",
@@ -60,6 +62,7 @@ __all__ = [
     "load_mask_file",
     "normalize_images",
     "num_eval_batches",
+    "pad_rows",
     "patient_kfold",
     "patient_split",
     "read_manifest",

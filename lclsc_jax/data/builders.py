@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from lclsc_jax.data import io as data_io
 from lclsc_jax.data.synthetic import SyntheticConfig, generate, pass_metadata, patient_ids, patient_label
@@ -274,8 +275,6 @@ def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuild
 
 def _quiet_prepare(builder: tfds.core.DatasetBuilder) -> None:
     """download_and_prepare without network access, progress bars or TFDS's "Downloading" lines; one notice on stderr."""
-    from tensorflow_datasets.core.utils import tqdm_utils
-
     dl = tfds.download.DownloadConfig(try_download_gcs=False)
     was_active = tqdm_utils._active  # pylint: disable=protected-access
     tqdm_utils.display_progress_bar(False)

@@ -17,9 +17,9 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from lclsc_jax.data.augment import AugmentConfig, augment_record, normalize_images, random_dihedral
+from lclsc_jax.data.augment import AugmentConfig, augment_record, normalize_images
+from lclsc_jax.data.batching import pad_rows
 from lclsc_jax.data.builders import Dataset
-from lclsc_jax.method.transforms import dihedral_np
 
 _SHUFFLE_SALT = 0x5EED
 _AUGMENT_SALT = 0xA06
@@ -83,10 +83,10 @@ class GlobalOrder:
 class _TrainRecord:
     """Local row i of this process -> augmented record dict (a picklable grain map fn)."""
 
-    def __init__(self, source, order, seed, global_batch, local_batch, process_index, augment, second_view):
+    def __init__(self, source, order, seed, global_batch, local_batch, process_index, augment):
         self.source, self.order, self.seed = source, order, int(seed)
         self.global_batch, self.local_batch = global_batch, local_batch
-        self.process_index, self.augment, self.second_view = process_index, augment, second_view
+        self.process_index, self.augment = process_index, augment
 
     def global_position(self, i: int) -> int:
         """Local row i -> global position (step s, row p*B_local + r)."""
@@ -100,17 +100,12 @@ class _TrainRecord:
         rng = np.random.default_rng([self.seed, _AUGMENT_SALT, g])
         x01, mask = augment_record(ex["image"], ex["mask"], rng, self.augment)
         image = (x01 - np.float32(0.5)) * np.float32(4.0)  # == normalize_images on [0,1] input
-        out = {
+        return {
             "image": image,
             "label": np.int32(ex["label"]),
             "mask": np.ascontiguousarray(mask, dtype=np.uint8),
             "index": np.int64(rec),
         }
-        if self.second_view:
-            t = random_dihedral(rng)
-            out["image_t"] = dihedral_np(image, t)
-            out["transform"] = np.int32(t)
-        return out
 
 
 def train_dataset(
@@ -121,7 +116,6 @@ def train_dataset(
     seed: int,
     augment: AugmentConfig = AugmentConfig(),
     num_workers: int = 0,
-    second_view: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
@@ -135,7 +129,7 @@ def train_dataset(
         )
     local = global_batch_size // n_proc
     idx = _check_indices(ds, indices)
-    fn = _TrainRecord(ds.source, GlobalOrder(idx, seed), seed, global_batch_size, local, p, augment, second_view)
+    fn = _TrainRecord(ds.source, GlobalOrder(idx, seed), seed, global_batch_size, local, p, augment)
     threads = num_threads if num_threads is not None else max(1, min(4, os.cpu_count() or 1))
     mds = grain.MapDataset.range(sys.maxsize).map(fn).batch(local, drop_remainder=True)
     it_ds = mds.to_iter_dataset(
@@ -155,15 +149,14 @@ def train_iterator(
     seed: int,
     augment: AugmentConfig = AugmentConfig(),
     num_workers: int = 0,
-    second_view: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator over this process's batches.
 
     Each batch: image float32 (B_local, H, W, C) normalised, label int32 (B_local,), mask uint8
-    (B_local, H, W), index int64 (B_local,) record indices; with ``second_view`` also
-    transform int32 (B_local,) in 0..7 and image_t == dihedral_np(image, transform) per sample.
+    (B_local, H, W), index int64 (B_local,) record indices. There is no second (transformed)
+    view: the LCL-SC train step draws its dihedral transform on the device.
     State: ``it.get_state()`` / ``it.set_state(state)``, or orbax with
     ``grain.checkpoint.CheckpointSave(it)`` / ``grain.checkpoint.CheckpointRestore(it)``.
     """
@@ -175,7 +168,6 @@ def train_iterator(
             seed=seed,
             augment=augment,
             num_workers=num_workers,
-            second_view=second_view,
             process_index=process_index,
             process_count=process_count,
         )
@@ -213,9 +205,8 @@ def eval_batches(
 def _eval_gen(ds: Dataset, idx: np.ndarray, batch_size: int, local: int, p: int) -> Iterator[dict]:
     """Generator behind eval_batches."""
     for b in range(num_eval_batches(len(idx), batch_size)):
-        pos = b * batch_size + p * local + np.arange(local)
-        valid = pos < len(idx)
-        rec = np.where(valid, idx[np.minimum(pos, len(idx) - 1)], idx[0])
+        start = b * batch_size + p * local
+        rec, valid = pad_rows(idx[start:start + local], local, fill=idx[0])
         exs = ds.source.__getitems__(rec.tolist())
         yield {
             "image": normalize_images(np.stack([e["image"] for e in exs])),

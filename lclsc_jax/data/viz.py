@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from lclsc_jax.data.builders import Dataset
 
 
 def _figure(rows: int, cols: int, scale: float = 2.2):
     """A pyplot-free Figure with a (rows, cols) grid of blank axes."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
-
     fig = Figure(figsize=(scale * cols, (scale + 0.2) * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:

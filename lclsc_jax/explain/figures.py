@@ -10,16 +10,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 from lclsc_jax import models
+from lclsc_jax.data import denormalize_images, normalize_images, pad_rows
+from lclsc_jax.evaluate import shortcuts
 from lclsc_jax.explain import core
 from lclsc_jax.explain.api import METHODS, saliency
 
 
 def _display_and_inputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(display in [0, 1], model inputs)`` from uint8 pixels or already-normalised float inputs."""
-    from lclsc_jax.data import denormalize_images, normalize_images
-
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, H, W, C), got {images.shape}")
@@ -36,8 +37,6 @@ def field_of_view(display: np.ndarray) -> np.ndarray | None:
 
     None when the frames have no dark corners (not a fibre-bundle image) or are too small to tell.
     """
-    from lclsc_jax.evaluate import shortcuts
-
     return shortcuts.fov_or_none(np.clip(display * 255.0, 0, 255).astype(np.uint8))
 
 
@@ -65,10 +64,14 @@ def _stem(name: str) -> str:
     return stem or base or "image"
 
 
-def _predict(model, variables, x, global_emb, tau, score) -> np.ndarray:
-    """Class probabilities ``(N, K)`` of the scorer's outputs (softmax)."""
-    scorer = core.make_scorer(model, x.shape[0], score=score, global_emb=global_emb, tau=tau)
-    return np.asarray(core.probabilities(model, variables, jnp.asarray(x), scorer))
+def _predict(model, variables, x, global_emb, tau, score, batch_size: int) -> np.ndarray:
+    """Class probabilities ``(N, K)`` of the scorer's outputs (softmax), in padded batches of one shape."""
+    scorer = core.make_scorer(model, batch_size, score=score, global_emb=global_emb, tau=tau)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, valid = pad_rows(x[i:i + batch_size], batch_size)
+        out.append(np.asarray(core.probabilities(model, variables, jnp.asarray(xb), scorer))[valid])
+    return np.concatenate(out)
 
 
 def write_explanations(
@@ -104,8 +107,6 @@ def write_explanations(
     shown are restricted to it (0 outside, rescaled inside; a pCLE frame has no tissue there) and
     the figures say so; ``False`` keeps the raw maps. Returns the written paths.
     """
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
-
     if method != "all" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected 'all' or one of {METHODS}")
     if isinstance(model, models.Model):
@@ -124,8 +125,7 @@ def write_explanations(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     os.makedirs(out_dir, exist_ok=True)
-    probs = np.concatenate([_predict(model, variables, x[i:i + batch_size], global_emb, tau, score)
-                            for i in range(0, len(x), batch_size)])
+    probs = _predict(model, variables, x, global_emb, tau, score, batch_size)
     pred = probs.argmax(axis=-1)
     labels = list(class_names) if class_names is not None else [str(c) for c in range(probs.shape[-1])]
     tgt = None if targets is None else np.asarray(targets, np.int32)

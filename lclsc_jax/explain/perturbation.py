@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from skimage.segmentation import slic
 
 from lclsc_jax.explain import core
 from lclsc_jax.explain.core import Explainer
@@ -129,8 +130,6 @@ def slic_segments(
     Each image is min-max scaled to [0, 1] first, so ``compactness`` means the same for any
     input normalisation. Runs on the host (NumPy), not under ``jit``.
     """
-    from skimage.segmentation import slic
-
     images = np.asarray(images, np.float32)
     out = []
     for img in images:

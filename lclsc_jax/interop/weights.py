@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from lclsc_jax import models
 from lclsc_jax.interop.torch_reference import require_torch
@@ -453,7 +454,6 @@ def export_torch_weights(variables: Mapping[str, Any], arch: str, path: PathLike
     sd = variables_to_state_dict(variables)
     cfg = model_config_from_state_dict(sd, arch)
     state_dict_to_variables(sd, abstract_variables(models.create(arch, **cfg)), strict=True)
-    from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata={"format": "pt", "arch": arch, "producer": "lclsc_jax"})

@@ -1,6 +1,6 @@
 """Protocols: procedures that load data or trained runs and drive ``evaluate`` (above ``train``).
 
-``inference`` (load a run, its splits, predict, evaluate), ``cross_validation`` (patient-wise k-fold /
+``runs`` (load a run, its splits, predict, evaluate), ``cross_validation`` (patient-wise k-fold /
 LOPO), ``cam_benchmark`` (saliency methods x stages vs masks), ``ablation`` (sweeps; the named grids
 in ``grids``) and ``audit`` (``lclsc audit-data``: shortcuts in global statistics, class-blind maps).
 See ``docs/protocols.md``. Names load on first use, so ``lclsc --help`` does not import JAX.

@@ -21,11 +21,17 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from lclsc_jax.protocols.cross_validation import _log, _scalars, cross_validate, fold_name, format_ci
 from lclsc_jax.evaluate.metrics import aggregate_folds
+from lclsc_jax.protocols import cam_benchmark
+from lclsc_jax.protocols.cross_validation import cross_validate, fold_name, format_ci, scalars
 from lclsc_jax.protocols.grids import ABLATION_GRIDS
+from lclsc_jax.protocols.runs import evaluate_run
+from lclsc_jax.train import config as C
+from lclsc_jax.train import loop, sharding
+from lclsc_jax.train.reporting import log
 
 __all__ = ["ABLATION_GRIDS", "ABLATION_TABLE_METRICS", "BLIND_TABLE_METRICS", "SALIENCY_METRICS", "ablation_command",
            "ablation_table",
@@ -94,8 +100,6 @@ def write_plan(out_dir: str, runs: Sequence[Mapping[str, Any]], base_config: str
                base_overrides: Mapping[str, Any] | None = None, folds: int | None = None,
                saliency_images: int = 16, faithfulness: bool = True) -> str:
     """Write ``out_dir/plan.json`` (every run's spec; what ``run_index`` executes); return its path."""
-    from lclsc_jax.train import config as C
-
     for r in runs:  # fail now, not in a child process: every run's config must resolve
         C.load(base_config, run_overrides(r, base_overrides or {}))
     plan = {"base_config": base_config, "base_overrides": dict(base_overrides or {}), "folds": folds,
@@ -146,10 +150,6 @@ def _is_complete(out_dir: str, spec: Mapping[str, Any], plan: Mapping[str, Any])
 
 def _saliency_scores(workdir: str, contrastive: bool, images: int, faithfulness: bool) -> dict[str, Any]:
     """Grad-CAM (all runs) and SC (contrastive runs) localisation/faithfulness on the run's test images."""
-    from lclsc_jax.protocols import cam_benchmark
-    from lclsc_jax.train import config as C
-    from lclsc_jax.train import loop
-
     with open(os.path.join(workdir, "config.json")) as f:
         cfg = C.from_dict(json.load(f))
     if not loop.load_dataset(cfg).has_masks:  # a user's folder, or a manifest without a mask column
@@ -171,12 +171,6 @@ def _saliency_scores(workdir: str, contrastive: bool, images: int, faithfulness:
 
 def run_one(spec: Mapping[str, Any], out_dir: str, plan: Mapping[str, Any], progress: bool = False) -> dict[str, Any]:
     """Train, evaluate and score the saliency of one ablation run; write and return its ``results.json``."""
-    import jax
-
-    from lclsc_jax.train import config as C
-    from lclsc_jax.protocols import inference
-    from lclsc_jax.train import loop
-
     t0 = time.time()
     workdir = run_dir(out_dir, spec["name"])
     overrides = run_overrides(spec, plan["base_overrides"])
@@ -189,8 +183,8 @@ def run_one(spec: Mapping[str, Any], out_dir: str, plan: Mapping[str, Any], prog
         fold_dirs = [os.path.join(workdir, fold_name(k)) for k in range(summary["n_folds"])]
     else:
         loop.train(cfg, workdir, progress=progress)
-        m = inference.evaluate_run(workdir, split="test", figures=False)
-        metrics = _scalars(m)
+        m = evaluate_run(workdir, split="test", figures=False)
+        metrics = scalars(m)
         fold_dirs = [workdir]
     sal: dict[str, Any] = {}
     if multihost:
@@ -215,8 +209,6 @@ def run_index(out_dir: str, index: int, progress: bool = False) -> dict[str, Any
     Starts ``jax.distributed`` first when the environment asks for it (``LCLSC_COORDINATOR`` or
     ``LCLSC_DISTRIBUTED=1``; see ``lclsc_jax.train.sharding``). Returns the results, or None if skipped.
     """
-    from lclsc_jax.train import sharding
-
     plan = load_plan(out_dir)
     runs = plan["runs"]
     if not 0 <= int(index) < len(runs):
@@ -290,12 +282,12 @@ def run_ablation(grid: Any, out_dir: str, workers: int = 1, seeds: Sequence[int]
     write_plan(out_dir, runs, base_config, base_overrides, folds, saliency_images, faithfulness)
     plan = load_plan(out_dir)
     todo = [(i, r) for i, r in enumerate(runs) if not _is_complete(out_dir, r, plan)]
-    _log(f"[ablate] {len(runs)} runs in {out_dir}: {len(runs) - len(todo)} complete, {len(todo)} to run "
+    log(f"[ablate] {len(runs)} runs in {out_dir}: {len(runs) - len(todo)} complete, {len(todo)} to run "
          f"({'in-process' if workers <= 0 else f'{workers} worker(s)'})", progress)
     failed: list[str] = []
     if workers <= 0:
         for i, r in todo:
-            _log(f"[ablate] run {r['name']}", progress)
+            log(f"[ablate] run {r['name']}", progress)
             run_one(r, out_dir, plan, progress=False)
     else:
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -304,12 +296,12 @@ def run_ablation(grid: Any, out_dir: str, workers: int = 1, seeds: Sequence[int]
                 name, rc = fut.result()
                 if rc != 0:
                     failed.append(name)
-                    _log(f"[ablate] run {name} FAILED (exit {rc}):\n{_log_tail(out_dir, name)}", progress)
+                    log(f"[ablate] run {name} FAILED (exit {rc}):\n{_log_tail(out_dir, name)}", progress)
                 else:
-                    _log(f"[ablate] run {name} done", progress)
+                    log(f"[ablate] run {name} done", progress)
     rows = ablation_table(out_dir)
     if failed:
-        _log(f"[ablate] {len(failed)} run(s) failed: {failed}; re-run the same command to retry them", progress)
+        log(f"[ablate] {len(failed)} run(s) failed: {failed}; re-run the same command to retry them", progress)
     return rows
 
 
@@ -489,8 +481,6 @@ def write_slurm_script(out_dir: str, n_runs: int | None = None, command: str = "
 
 def ablation_command(args: argparse.Namespace) -> int:
     """Run, plan for SLURM, run one plan entry, or collect an ablation, as ``args`` says; exit code."""
-    from lclsc_jax.train import config as C
-
     if args.run_index is not None:
         res = run_index(args.out, args.run_index, progress=True)
         print("already complete, skipped" if res is None else json.dumps(res["metrics"], indent=1))

@@ -26,10 +26,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
+from threadpoolctl import threadpool_limits
 
 from lclsc_jax import data
 from lclsc_jax.evaluate import shortcuts
 from lclsc_jax.protocols.cam_benchmark import localisation_row, select_images
+from lclsc_jax.train.reporting import log
 
 __all__ = ["CLASSIFIERS", "audit_dataset", "bootstrap_scores", "format_audit", "patient_folds", "verdict"]
 
@@ -37,12 +47,6 @@ __all__ = ["CLASSIFIERS", "audit_dataset", "bootstrap_scores", "format_audit", "
 CLASSIFIERS: tuple[str, ...] = ("logistic", "boosting", "knn")
 FEATURE_SETS: tuple[str, ...] = (*shortcuts.FEATURE_GROUPS, "all")
 MAP_COLUMNS = ("dice@otsu", "dice@area", "iou@area", "pr_auc", "pointing_game", "energy_pointing_game")
-
-
-def _log(msg: str, enabled: bool) -> None:
-    """A progress line."""
-    if enabled:
-        print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------- reading
@@ -73,7 +77,7 @@ def _features(ds: Any, indices: np.ndarray, valid: np.ndarray | None, progress: 
         feats.append(f)
         done = min(i + chunk, len(indices))
         if progress and (done == len(indices) or (i // chunk) % 8 == 7):
-            _log(f"[audit-data] statistics of {done}/{len(indices)} frames ({time.time() - t0:.1f} s)", True)
+            log(f"[audit-data] statistics of {done}/{len(indices)} frames ({time.time() - t0:.1f} s)", True)
     return np.concatenate(feats), names
 
 
@@ -112,13 +116,6 @@ def patient_folds(patients: Any, labels: Any, k: int, seed: int = 0) -> tuple[li
 
 def _make(name: str, n_train: int, seed: int) -> Any:
     """A fresh scikit-learn classifier ``name`` (of ``CLASSIFIERS``, or ``tree`` for univariate scans)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.tree import DecisionTreeClassifier
-
     if name == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
     if name == "boosting":
@@ -136,8 +133,6 @@ def _fit_predict(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np
 
     One thread (OpenMP/BLAS): the problems are small, and threads only contend on a busy machine.
     """
-    from threadpoolctl import threadpool_limits
-
     classes = np.unique(y_train)
     if len(classes) == 1:
         return np.full(len(x_test), classes[0], dtype=y_train.dtype)
@@ -287,7 +282,7 @@ def _blind_maps(ds: Any, indices: np.ndarray, valid: np.ndarray | None, score_va
         row = {"method": f"blind:{name}", **localisation_row(m, masks, (0.5,), score_valid)}
         rows.append(row)
         maps[name] = m
-        _log(f"[audit-data] blind:{name:<10} dice@otsu={_num(row['dice@otsu'])} dice@area={_num(row['dice@area'])} "
+        log(f"[audit-data] blind:{name:<10} dice@otsu={_num(row['dice@otsu'])} dice@area={_num(row['dice@area'])} "
              f"pr_auc={_num(row['pr_auc'])}", progress)
     labels = np.asarray([int(ds.labels[i]) for i in idx])
     patients = [str(ds.patients[i]) for i in idx]
@@ -330,7 +325,7 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
     notes: list[str] = []
     if diagnostic is not None:
         notes.append(f"{n - len(used)} non-diagnostic frame(s) dropped from the statistics")
-    _log(f"[audit-data] {n} frames, {len(np.unique(patients_all))} patients, {len(class_names)} classes"
+    log(f"[audit-data] {n} frames, {len(np.unique(patients_all))} patients, {len(class_names)} classes"
          + (f"; {n - len(used)} non-diagnostic dropped" if diagnostic is not None else ""), progress)
 
     # The trainer's fixed patient-wise split (train + val -> test); its `split` frames get the blind maps.
@@ -342,7 +337,7 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
                          f"{sorted(k for k in splits if len(splits[k]))} or 'all'")
 
     valid, score_valid, fov = _detect_fov(ds, used)
-    _log(f"[audit-data] field of view: {fov['description']}", progress)
+    log(f"[audit-data] field of view: {fov['description']}", progress)
     x, names = _features(ds, used, valid, progress)
     groups = {g: [i for i, nm in enumerate(names) if shortcuts.feature_group(nm) == g] for g in shortcuts.FEATURE_GROUPS}
     groups["all"] = list(range(len(names)))
@@ -361,7 +356,7 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
             t0 = time.time()
             pred = oof[(clf, g)] = _oof(clf, x[:, groups[g]], y, cv_folds, seed)
             cv[clf][g] = bootstrap_scores(y, pred, patients, len(class_names), **boot)
-            _log(f"[audit-data] CV {clf:<8} {g:<9} accuracy {cv[clf][g]['accuracy']:.3f} balanced "
+            log(f"[audit-data] CV {clf:<8} {g:<9} accuracy {cv[clf][g]['accuracy']:.3f} balanced "
                  f"{cv[clf][g]['balanced_accuracy']:.3f} ({time.time() - t0:.1f} s)", progress)
     best_clf, best_g = max(((c, g) for c in CLASSIFIERS for g in FEATURE_SETS),
                            key=lambda cg: cv[cg[0]][cg[1]]["balanced_accuracy"])
@@ -380,7 +375,7 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
         univariate.append({"feature": nm, "group": shortcuts.feature_group(nm), "accuracy": s["accuracy"],
                            "balanced_accuracy": s["balanced_accuracy"]})
     univariate.sort(key=lambda r: (-r["balanced_accuracy"], -r["accuracy"], r["feature"]))
-    _log(f"[audit-data] most predictive statistic: {univariate[0]['feature']} "
+    log(f"[audit-data] most predictive statistic: {univariate[0]['feature']} "
          f"(balanced accuracy {univariate[0]['balanced_accuracy']:.3f})", progress)
 
     pos = {int(r): i for i, r in enumerate(used)}  # record index -> row of x
@@ -397,7 +392,7 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
             for g in FEATURE_SETS:
                 pred = _fit_predict(clf, x[tr][:, groups[g]], y[tr], x[te][:, groups[g]], seed)
                 held_out["classifiers"][clf][g] = bootstrap_scores(y[te], pred, patients[te], len(class_names), **boot)
-        _log(f"[audit-data] held-out split: {len(tr)} train+val frames -> {len(te)} test frames "
+        log(f"[audit-data] held-out split: {len(tr)} train+val frames -> {len(te)} test frames "
              f"({len(held_out['test_patients'])} patients)", progress)
     else:
         notes.append("the fixed split has an empty train or test side: no held-out scores")
@@ -444,7 +439,7 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)
     os.replace(tmp, files["json"])
-    _log(f"[audit-data] {report['verdict']['level']}: written {out_dir} in {report['seconds']:.0f} s", progress)
+    log(f"[audit-data] {report['verdict']['level']}: written {out_dir} in {report['seconds']:.0f} s", progress)
     return report
 
 
@@ -544,9 +539,6 @@ def format_audit(report: Mapping[str, Any], top: int = 10) -> str:
 
 def _summary_figure(report: Mapping[str, Any], path: str) -> str:
     """``audit.png``: accuracies per classifier x feature set (intervals, chance), top statistics, blind-map scores."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(13, 8.5))
     axes = fig.subplots(2, 2).ravel()
     cv, ch = report["cv"]["classifiers"], report["chance"]
@@ -604,9 +596,6 @@ def _summary_figure(report: Mapping[str, Any], path: str) -> str:
 
 def _maps_figure(fig_data: Mapping[str, Any], class_names: Sequence[str], k: int, path: str) -> str:
     """``audit_maps.png``: rows = frames (one per class first), columns = image + each blind map, mask outlined."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     picks = _map_picks(fig_data["labels"], fig_data["masks"].reshape(len(fig_data["masks"]), -1).any(axis=1), k)
     images = shortcuts.to_luminance(fig_data["images"][picks])
     masks = fig_data["masks"][picks]

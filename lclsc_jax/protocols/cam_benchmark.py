@@ -21,7 +21,18 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+import jax
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lclsc_jax import explain
+from lclsc_jax.data import normalize_images, pad_rows
+from lclsc_jax.evaluate import deletion_curve, insertion_curve, localisation_metrics, shortcuts
+from lclsc_jax.explain import core
+from lclsc_jax.protocols import runs
+from lclsc_jax.train import loop
+from lclsc_jax.train.reporting import log
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -59,8 +70,6 @@ def _threshold_key(t: float) -> str:
 
 def benchmark_plan(model: Any, methods: Sequence[str], stages: Sequence[str] | None) -> list[tuple[str, str]]:
     """``(method, stage)`` pairs: stage methods x ``stages`` (None/"all": every stage), ``sc`` at the last stage, input methods once."""
-    from lclsc_jax import explain
-
     names = tuple(model.stage_names)
     if stages is None or list(stages) == ["all"]:
         stages = names
@@ -96,8 +105,6 @@ def select_images(indices: np.ndarray, max_images: int) -> np.ndarray:
 def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = (0.5,),
                      valid: np.ndarray | None = None) -> dict[str, Any]:
     """Flat localisation scores of ``maps (N, H, W)`` in [0, 1] vs ``masks (N, H, W)``: ``dice@0.5``, ``pr_auc``, ..."""
-    from lclsc_jax.evaluate import localisation_metrics
-
     m = localisation_metrics(maps, masks, thresholds=thresholds, otsu=True, valid=valid, area=True)
     row: dict[str, Any] = {"n_images": m["n_images"], "n_evaluated": m["n_evaluated"],
                            "pointing_game": m["pointing_game"], "energy_pointing_game": m["energy_pointing_game"],
@@ -115,19 +122,14 @@ def _fov(h: int, w: int) -> np.ndarray:
 
 def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
     """Saliency maps ``(N, H, W)`` in [0, 1] of ``x (N, H, W, C)`` in fixed-size (padded) batches."""
-    from lclsc_jax import explain
-
     out = []
     for i in range(0, len(x), batch_size):
-        xb, tb = x[i:i + batch_size], targets[i:i + batch_size]
-        n = len(xb)
-        if n < batch_size:  # pad to one shape: one compilation per (method, stage)
-            xb = np.concatenate([xb, np.repeat(xb[:1], batch_size - n, 0)])
-            tb = np.concatenate([tb, np.repeat(tb[:1], batch_size - n, 0)])
+        xb, valid = pad_rows(x[i:i + batch_size], batch_size)  # one shape: one compilation per (method, stage)
+        tb, _ = pad_rows(targets[i:i + batch_size], batch_size)
         m = explain.saliency(method, run.model, run.variables, xb, tb.astype(np.int32),
                              stage="last" if stage == INPUT_STAGE else stage,
                              global_emb=run.global_emb, tau=run.cfg.loss.tau)
-        out.append(np.asarray(m, np.float32)[:n])
+        out.append(np.asarray(m, np.float32)[valid])
     maps = np.concatenate(out)
     if not np.all(np.isfinite(maps)):
         raise FloatingPointError(f"{method} at {stage} produced NaN/inf maps")
@@ -136,10 +138,6 @@ def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray,
 
 def _score_fn(run: Any) -> Any:
     """``images (B, H, W, C) -> probs (B, K)`` of the run (GEI softmax for contrastive runs, else the linear head)."""
-    import jax
-
-    from lclsc_jax.explain import core
-
     scorer = core.make_scorer(run.model, 1, global_emb=run.global_emb, tau=run.cfg.loss.tau)
     model, variables = run.model, run.variables
 
@@ -152,9 +150,6 @@ def _score_fn(run: Any) -> Any:
 def _faithfulness(score_fn: Any, x: np.ndarray, maps: np.ndarray, targets: np.ndarray, steps: int,
                   batch_size: int) -> dict[str, float]:
     """Mean deletion AUC (black fill, lower is better) and insertion AUC (from blurred, higher is better)."""
-    from lclsc_jax.data import normalize_images
-    from lclsc_jax.evaluate import deletion_curve, insertion_curve
-
     black = np.broadcast_to(normalize_images(np.zeros((1,) + x.shape[1:], np.uint8)), x.shape)
     t = targets.astype(np.int32)
     d = deletion_curve(score_fn, x, maps, t, n_steps=steps, baseline=black, max_batch=batch_size)
@@ -198,9 +193,6 @@ def write_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], out_d
 def _grid_figure(display: np.ndarray, masks: np.ndarray, titles: Sequence[str], columns: Sequence[tuple[str, Any]],
                  path: str) -> str:
     """Rows = images, columns = image + each method's map (jet, alpha 0.5) with the GT contour (white)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     n, ncol = len(display), 1 + len(columns)
     fig = Figure(figsize=(1.6 * ncol, 1.6 * n + 0.3))
     axes = fig.subplots(n, ncol, squeeze=False)
@@ -255,17 +247,12 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     (default: all of ``shortcuts.BLIND_MAPS``; ``()`` for none). Writes the table,
     ``cam_benchmark.json`` and the figure grids into ``out_dir`` (default ``WORKDIR/cam_benchmark``).
     """
-    from lclsc_jax.data import normalize_images
-    from lclsc_jax.evaluate import shortcuts
-    from lclsc_jax.protocols import inference
-    from lclsc_jax.train import loop
-
-    run = inference.load_run(workdir, which)
+    run = runs.load_run(workdir, which)
     ds = loop.load_dataset(run.cfg)
     if not ds.has_masks:
         raise ValueError(f"the data of {workdir} ({run.cfg.data.source}) has no ground-truth masks; benchmark-cams "
                          "needs masks (the synthetic pCLE data ships them; a manifest can give a mask column)")
-    splits = inference.run_splits(workdir, run.cfg, ds)
+    splits = runs.run_splits(workdir, run.cfg, ds)
     if split == "all":
         indices = np.arange(len(ds.labels), dtype=np.int64)
     elif split in splits and len(splits[split]):
@@ -302,7 +289,7 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
         row["seconds"] = round(time.time() - t0, 2)
         rows.append(row)
         if progress:
-            loop._log(f"[benchmark-cams] {method:<20} {stage:<7} " + (
+            log(f"[benchmark-cams] {method:<20} {stage:<7} " + (
                 f"ERROR {row['error']}" if row["error"] else
                 f"dice@otsu={_fmt(row['dice@otsu'])} pointing={_fmt(row['pointing_game'])}"))
 

@@ -15,9 +15,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from lclsc_jax.train.config import Config
+from lclsc_jax import data, evaluate
+from lclsc_jax.evaluate import plots
+from lclsc_jax.protocols import runs
+from lclsc_jax.train import loop
+from lclsc_jax.train.config import Config, to_dict
+from lclsc_jax.train.reporting import log
 
 __all__ = ["SCALAR_KEYS", "cross_validate", "cv_folds", "fold_name", "fold_splits", "format_ci", "format_cv_summary",
            "summarize_folds", "write_cv_figures"]
@@ -30,20 +36,9 @@ FOLD_METRICS = "metrics.json"
 FOLD_PREDICTIONS = "predictions.npz"
 
 
-def _log(msg: str, enabled: bool = True) -> None:
-    """Print a progress line (process 0 only)."""
-    import jax
-
-    if enabled and jax.process_index() == 0:
-        print(msg, flush=True)
-
-
-
 def cv_folds(patients: Any, labels: Any = None, folds: int = 5, lopo: bool = False,
              seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Patient-wise ``(train_idx, test_idx)`` record indices: stratified k-fold, or one patient per fold."""
-    from lclsc_jax import data
-
     if lopo:
         return data.leave_one_patient_out(patients)
     return data.patient_kfold(patients, int(folds), seed=seed, labels=labels)
@@ -56,8 +51,6 @@ def fold_splits(patients: Any, labels: Any, train_idx: np.ndarray, test_idx: np.
     Without ``nested`` the val split is empty: every training patient trains, and no checkpoint
     is selected (the fold is evaluated at its last step).
     """
-    from lclsc_jax import data
-
     train_idx = np.asarray(train_idx, np.int64)
     test_idx = np.asarray(test_idx, np.int64)
     if not nested:
@@ -81,14 +74,12 @@ def fold_name(k: int) -> str:
 
 def _predict_fold(fold_dir: str, ds: Any, test_idx: np.ndarray, which: str) -> tuple[dict[str, np.ndarray], int]:
     """Predictions ``{probs (N, C), label, index, patient (N,)}`` of a fold's run on its test records."""
-    from lclsc_jax.protocols import inference
-
-    run = inference.load_run(fold_dir, which)
-    res = inference.predict_records(run, ds, test_idx)
+    run = runs.load_run(fold_dir, which)
+    res = runs.predict(run, ds, test_idx)
     return {k: res[k] for k in ("probs", "label", "index", "patient")}, run.step
 
 
-def _scalars(m: Mapping[str, Any]) -> dict[str, Any]:
+def scalars(m: Mapping[str, Any]) -> dict[str, Any]:
     """The headline scalar metrics of a ``classification_metrics`` result (None where undefined)."""
     return {k: m.get(k) for k in SCALAR_KEYS if k in m}
 
@@ -101,8 +92,6 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], predictions: Sequ
     metric is undefined (e.g. AUROC of a one-class LOPO fold) are left out of its statistics;
     the pooled metrics are always defined when the pooled labels have two classes.
     """
-    from lclsc_jax import evaluate
-
     if len(fold_metrics) != len(predictions) or not fold_metrics:
         raise ValueError(f"need one prediction set per fold, got {len(fold_metrics)} metrics and "
                          f"{len(predictions)} predictions")
@@ -118,7 +107,7 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], predictions: Sequ
                      "fold); its mean is over the other folds, see pooled.auroc")
     return {
         "n_folds": len(fold_metrics),
-        "folds": [{"fold": i, **_scalars(m)} for i, m in enumerate(fold_metrics)],
+        "folds": [{"fold": i, **scalars(m)} for i, m in enumerate(fold_metrics)],
         "mean": {k: v["mean"] for k, v in agg["metrics"].items() if k in SCALAR_KEYS},
         "aggregate": agg,
         "pooled": pooled,
@@ -146,8 +135,6 @@ def write_cv_figures(summary: Mapping[str, Any], predictions: Sequence[Mapping[s
 
     Returns ``{figure name: path relative to out_dir}``.
     """
-    from lclsc_jax.evaluate import plots
-
     ys = [np.asarray(p["label"]) for p in predictions]
     ps = [np.asarray(p["probs"]) for p in predictions]
     pooled = summary["pooled"]
@@ -169,8 +156,6 @@ def write_cv_figures(summary: Mapping[str, Any], predictions: Sequence[Mapping[s
 def _cv_settings(cfg: Config, ds: Any, folds: list[tuple[np.ndarray, np.ndarray]], lopo: bool, nested: bool,
                  seed: int) -> dict[str, Any]:
     """What identifies a CV run (saved as ``cv_config.json``; a restart must match it)."""
-    from lclsc_jax.train.config import to_dict
-
     return {"protocol": "lopo" if lopo else "kfold", "n_folds": len(folds), "nested": bool(nested),
             "seed": int(seed), "n_records": int(len(ds.labels)), "class_names": list(ds.class_names),
             "test_patients": [sorted(set(map(str, ds.patients[te]))) for _, te in folds],
@@ -179,8 +164,6 @@ def _cv_settings(cfg: Config, ds: Any, folds: list[tuple[np.ndarray, np.ndarray]
 
 def _check_settings(workdir: str, settings: dict[str, Any]) -> None:
     """Write ``cv_config.json``, or raise if the workdir holds a CV run made with other settings."""
-    from lclsc_jax.train import loop
-
     path = os.path.join(workdir, CV_CONFIG)
     if os.path.exists(path):
         with open(path) as f:
@@ -208,11 +191,6 @@ def _load_fold(fold_dir: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | 
 def _run_fold(cfg: Config, ds: Any, fold_dir: str, splits: dict[str, np.ndarray], which: str,
               progress: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Train (or resume) one fold, predict its test records, write predictions then metrics."""
-    import jax
-
-    from lclsc_jax import evaluate
-    from lclsc_jax.train import loop
-
     loop.train(cfg, fold_dir, splits=splits, dataset=ds, progress=progress)
     preds, step = _predict_fold(fold_dir, ds, splits["test"], which)
     metrics = evaluate.classification_metrics(preds["label"], preds["probs"], class_names=list(ds.class_names),
@@ -238,10 +216,6 @@ def cross_validate(cfg: Config, workdir: str, folds: int | None = 5, lopo: bool 
     the last checkpoint is evaluated. ``seed`` drives the fold and inner-split assignment.
     Writes ``workdir/cv_summary.json`` and, with ``figures``, PNGs in ``workdir/figures``.
     """
-    import jax
-
-    from lclsc_jax.train import loop
-
     if not lopo and (folds is None or int(folds) < 2):
         raise ValueError(f"folds must be >= 2 for k-fold CV (or pass lopo=True), got {folds}")
     ds = dataset if dataset is not None else loop.load_dataset(cfg)
@@ -256,14 +230,14 @@ def cross_validate(cfg: Config, workdir: str, folds: int | None = 5, lopo: bool 
         fold_dir = os.path.join(workdir, fold_name(k))
         done = _load_fold(fold_dir)
         if done is not None:
-            _log(f"[cv] {name} fold {k + 1}/{len(fold_list)}: finished earlier, skipped", progress)
+            log(f"[cv] {name} fold {k + 1}/{len(fold_list)}: finished earlier, skipped", progress)
         else:
             splits = fold_splits(ds.patients, ds.labels, train_idx, test_idx, nested, cfg.data.val_fraction, seed)
             test_p = sorted(set(map(str, ds.patients[test_idx])))
-            _log(f"[cv] {name} fold {k + 1}/{len(fold_list)}: {len(splits['train'])} train / {len(splits['val'])} "
+            log(f"[cv] {name} fold {k + 1}/{len(fold_list)}: {len(splits['train'])} train / {len(splits['val'])} "
                  f"val / {len(test_idx)} test records; test patients {test_p}", progress)
             done = _run_fold(cfg, ds, fold_dir, splits, which, progress)
-            _log(f"[cv] fold {k + 1}/{len(fold_list)}: accuracy {done[0]['accuracy']:.4f}", progress)
+            log(f"[cv] fold {k + 1}/{len(fold_list)}: accuracy {done[0]['accuracy']:.4f}", progress)
         metrics_all.append(done[0])
         preds_all.append(done[1])
     summary = summarize_folds(metrics_all, preds_all, ds.class_names)
@@ -277,7 +251,7 @@ def cross_validate(cfg: Config, workdir: str, folds: int | None = 5, lopo: bool 
         summary["figures"] = write_cv_figures(summary, preds_all, ds.class_names, os.path.join(workdir, "figures"))
     loop.write_json(os.path.join(workdir, CV_SUMMARY), summary)
     mean = summary["mean"]
-    _log(f"[cv] {name}: mean accuracy {mean.get('accuracy', float('nan')):.4f}; pooled accuracy "
+    log(f"[cv] {name}: mean accuracy {mean.get('accuracy', float('nan')):.4f}; pooled accuracy "
          f"{summary['pooled']['accuracy']:.4f}, pooled AUROC {summary['pooled']['auroc']}", progress)
     return summary
 

@@ -1,4 +1,4 @@
-"""Using a trained run: restore its state, evaluate a split, predict image files."""
+"""A trained run: restore its state and splits, predict (the one path of every protocol), evaluate a split."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from lclsc_jax import data, evaluate
+from lclsc_jax.evaluate import plots
 from lclsc_jax.train import loop
+from lclsc_jax.train import predict as predict_lib
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train.checkpoint import Checkpointer
 from lclsc_jax.train.config import Config, from_dict, uses_gei
@@ -77,8 +80,6 @@ def evaluate_run(workdir: str, source: str | None = None, split: str | None = No
     ``DataError`` naming the CSV line (or the class folder). Returns the metrics dict
     (``classification_metrics`` plus ``split``, ``n``, ``checkpoint_step``, ``source``).
     """
-    from lclsc_jax import evaluate
-
     run = load_run(workdir, which)
     own = source is None or same_source(source, run.cfg.data.source)
     if not own:
@@ -95,7 +96,7 @@ def evaluate_run(workdir: str, source: str | None = None, split: str | None = No
         indices = splits[split]
     if len(indices) == 0:
         raise ValueError(f"split {split!r} of {source or run.cfg.data.source} has no images")
-    res = predict_records(run, ds, indices)
+    res = predict(run, ds, indices)
     res["label"] = to_run[np.asarray(res["label"], np.int64)]
     metrics = evaluate.classification_metrics(res["label"], res["probs"], class_names=run.class_names,
                                               patients=res["patient"])
@@ -104,8 +105,6 @@ def evaluate_run(workdir: str, source: str | None = None, split: str | None = No
     out_dir = out_dir or os.path.join(workdir, "eval")
     loop.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     if figures and jax.process_index() == 0:
-        from lclsc_jax.evaluate import plots
-
         plots.confusion_matrix_plot(np.asarray(metrics["confusion_matrix"]), run.class_names,
                                     os.path.join(out_dir, "confusion_matrix.png"))
         plots.roc_curves(res["label"], res["probs"], os.path.join(out_dir, "roc.png"),
@@ -131,8 +130,6 @@ def check_known_labels(source: str, class_names: Sequence[str]) -> None:
     ``source``: a CSV manifest (the error names its line) or a folder ``ROOT/<class>/...`` (the
     error names the class folder). Bad files are reported as ``read_manifest``/``scan_folder`` do.
     """
-    from lclsc_jax import data
-
     if source == "synthetic" or "://" in source:
         return
     if os.path.isdir(source):
@@ -167,25 +164,30 @@ def run_splits(workdir: str, cfg: Config, ds: Any) -> dict[str, np.ndarray]:
     return loop.make_splits(cfg, ds)
 
 
-def _eval_batch_size(cfg: Config, mesh: jax.sharding.Mesh) -> int:
-    """The config's eval batch rounded to a multiple of the data-parallel devices x processes."""
-    n = shd.data_parallel_size(mesh) * jax.process_count()
-    return max(n, (cfg.train.eval_batch_size // n) * n)
+def predict(run: TrainedRun, data_or_images: Any, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Predictions of ``run``: ``probs (N, C)``, ``embedding (N, D)``, ``label``, ``index``, ``patient`` ``(N,)``.
 
-
-def predict_records(run: TrainedRun, ds: Any, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Predictions of ``run`` on records ``indices`` of ``ds``: ``probs (N, C)``, ``label``, ``index``, ``patient``."""
-    from lclsc_jax import data
-
-    batches = data.eval_batches(ds, indices, _eval_batch_size(run.cfg, run.mesh))
-    return loop.predict_batches(run.cfg, run.model, run.state, run.mesh, batches)
+    ``data_or_images``: a ``lclsc_jax.data.Dataset`` with record ``indices`` (labels and patients
+    from the data), or uint8 images ``(N, H, W, C)`` (one process; ``label`` 0, ``patient`` empty).
+    The one path of every protocol: ``train.predict.predict_batches`` over padded batches, with the
+    run's prediction policy (``config.uses_gei``: GEI cosine, else the linear head).
+    """
+    batch_size = predict_lib.eval_batch_size(run.cfg, run.mesh)
+    if isinstance(data_or_images, np.ndarray):
+        if indices is not None:
+            raise ValueError("indices select records of a Dataset; pass images[indices] instead")
+        batches = data.array_batches(data_or_images, batch_size)
+    else:
+        if indices is None:
+            raise ValueError("predict on a Dataset needs the record indices (e.g. run_splits(...)['test'])")
+        batches = data.eval_batches(data_or_images, indices, batch_size)
+    return predict_lib.predict_batches(run.cfg, run.model, run.state, run.mesh, batches)
 
 
 def predict_files(workdir: str, paths: Sequence[str], which: str = "best") -> list[dict[str, Any]]:
     """Class and probabilities for each image file (GEI for contrastive runs)."""
     run = load_run(workdir, which)
-    images = load_images(run.cfg, paths)
-    probs = predict_arrays(run, images)
+    probs = predict(run, load_images(run.cfg, paths))["probs"]
     return [{"path": p, "class": run.class_names[int(pr.argmax())], "probability": float(pr.max()),
              "probabilities": {c: float(v) for c, v in zip(run.class_names, pr)}}
             for p, pr in zip(paths, probs)]
@@ -193,27 +195,7 @@ def predict_files(workdir: str, paths: Sequence[str], which: str = "best") -> li
 
 def load_images(cfg: Config, paths: Sequence[str]) -> np.ndarray:
     """Read image files as the run's training data was prepared: ``(N, H, W, C)`` uint8."""
-    from lclsc_jax import data
-
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"no such image file(s): {', '.join(missing)}")
     return np.stack([data.load_image_file(p, cfg.data.image_size, cfg.data.channels) for p in paths])
-
-
-def predict_arrays(run: TrainedRun, images_u8: np.ndarray) -> np.ndarray:
-    """Probabilities ``(N, C)`` for uint8 images ``(N, H, W, C)`` (single process)."""
-    from lclsc_jax import data
-
-    batch = _eval_batch_size(run.cfg, run.mesh)
-    x = data.normalize_images(images_u8)
-
-    def batches():
-        for i in range(0, len(x), batch):
-            chunk = x[i:i + batch]
-            n = len(chunk)
-            pad = np.concatenate([chunk, np.repeat(chunk[:1], batch - n, axis=0)]) if n < batch else chunk
-            yield {"image": pad, "label": np.zeros(batch, np.int32), "index": np.arange(i, i + batch),
-                   "patient": np.array([""] * batch), "valid": np.arange(batch) < n}
-
-    return loop.predict_batches(run.cfg, run.model, run.state, run.mesh, batches())["probs"]

@@ -6,17 +6,21 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from sklearn.metrics import accuracy_score, recall_score
 
+from lclsc_jax import data, interop, models
 from lclsc_jax.train import lock
+from lclsc_jax.train import predict as predict_lib
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train import steps as steps_lib
 from lclsc_jax.train.checkpoint import Checkpointer, abstract_like, saved_steps
 from lclsc_jax.train.config import Config, flatten, from_dict, override, to_dict, uses_gei
-from lclsc_jax.train.reporting import MetricWriter, Progress
+from lclsc_jax.train.reporting import MetricWriter, Progress, log
 from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer
 
 
@@ -50,8 +54,6 @@ def load_dataset(cfg: Config, source: str | None = None) -> Any:
     ``data.channels``). Returns a ``lclsc_jax.data.Dataset``; bad input raises ``data.DataError``
     naming the file (and CSV line).
     """
-    from lclsc_jax import data
-
     d = cfg.data
     source = source or d.source
     synthetic = None
@@ -67,8 +69,6 @@ def load_dataset(cfg: Config, source: str | None = None) -> Any:
 
 def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
     """Patient-wise train/val/test record indices, fixed by ``cfg.data.split_seed``."""
-    from lclsc_jax import data
-
     return data.splits_for(ds, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                            seed=cfg.data.split_seed)
 
@@ -79,8 +79,6 @@ def check_training_classes(ds: Any, splits: dict[str, np.ndarray], source: str |
     ``ds``: a ``lclsc_jax.data.Dataset`` with ``labels (N,)``; ``splits``: record indices per split.
     For a CSV ``source`` the message names the manifest line of the class's first row.
     """
-    from lclsc_jax import data
-
     labels = np.asarray(ds.labels)
     present = set(labels[np.asarray(splits["train"], np.int64)].tolist())
     missing = [c for c in range(len(ds.class_names)) if c not in present]
@@ -101,9 +99,6 @@ def check_training_classes(ds: Any, splits: dict[str, np.ndarray], source: str |
 
 def build_model(cfg: Config, num_classes: int) -> Any:
     """The Flax module a config names."""
-    import jax.numpy as jnp
-
-    from lclsc_jax import models
 
     return models.create(cfg.model.arch, num_classes, head="gei" if uses_gei(cfg) else "linear",
                          embed_dim=cfg.model.embed_dim, in_channels=cfg.data.channels,
@@ -127,42 +122,6 @@ def abstract_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding
     shapes = jax.eval_shape(lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key),
                             jax.random.PRNGKey(0))
     return abstract_like(shapes, shd.replicated(mesh))
-
-
-def predict_batches(cfg: Config, model: Any, state: TrainState, mesh: jax.sharding.Mesh,
-                    batches: Iterator[dict[str, np.ndarray]], eval_step: Any = None) -> dict[str, np.ndarray]:
-    """Run the eval step over padded batches; returns host arrays of the valid rows only.
-
-    Keys: ``probs (N, C)``, ``embedding (N, D)``, ``label (N,)``, ``index (N,)``, ``patient (N,)``.
-    """
-    from jax.experimental import multihost_utils
-
-    eval_step = eval_step or steps_lib.jit_eval_step(steps_lib.make_eval_step(model, cfg), mesh)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "embedding", "label", "index", "patient")}
-    for batch in batches:
-        res = eval_step(state, shd.to_global(batch, mesh, steps_lib.EVAL_KEYS))
-        res = multihost_utils.process_allgather(res, tiled=True) if jax.process_count() > 1 else jax.device_get(res)
-        host = {k: _allgather_host(batch[k]) for k in ("valid", "label", "index", "patient")}
-        valid = host["valid"].astype(bool)
-        for k in ("probs", "embedding"):
-            out[k].append(np.asarray(res[k])[valid])
-        for k in ("label", "index", "patient"):
-            out[k].append(host[k][valid])
-    return {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in out.items()}
-
-
-def _allgather_host(x: np.ndarray) -> np.ndarray:
-    """Concatenate a host array's per-process rows in process order (identity on one process)."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    if np.asarray(x).dtype.kind in "US":  # strings cannot cross devices: gather their codes
-        arr = np.asarray(x).astype("U64")
-        codes = np.frombuffer(arr.tobytes(), np.uint32).reshape(arr.shape[0], -1)
-        g = np.asarray(multihost_utils.process_allgather(codes, tiled=True))
-        return np.frombuffer(g.astype(np.uint32).tobytes(), dtype="U64").reshape(-1)
-    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -314,8 +273,6 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
 def _prepare_data(cfg: Config, workdir: str, dataset: Any,
                   splits: dict[str, np.ndarray] | None) -> tuple[Any, dict[str, np.ndarray], dict[str, Any]]:
     """Load and split the data; raise if it differs from the data the run in ``workdir`` started on."""
-    from lclsc_jax import data
-
     ds = dataset if dataset is not None else load_dataset(cfg)
     if splits is None:
         splits = make_splits(cfg, ds)
@@ -334,8 +291,6 @@ def _prepare_data(cfg: Config, workdir: str, dataset: Any,
 def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], init_from: str | None,
            num_devices: int | None, stop_after: int | None) -> _Run:
     """Mesh, model, state (fresh, from ``init_from``, or restored from the latest checkpoint) and data iterator."""
-    from lclsc_jax import data
-
     mesh = shd.make_mesh(num_devices)
     shd.check_batch_size(cfg.train.batch_size, mesh)
     model = build_model(cfg, ds.num_classes)
@@ -345,14 +300,14 @@ def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], in
     train_it = data.train_iterator(
         ds, splits["train"], global_batch_size=cfg.train.batch_size, seed=cfg.seed,
         augment=data.AugmentConfig() if cfg.data.augment else data.AugmentConfig(enabled=False),
-        num_workers=cfg.data.num_workers, second_view=False)
+        num_workers=cfg.data.num_workers)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.train.keep_last,
                         best_metric=f"val_{cfg.train.best_metric}")
     start = ckpt.latest_step()
     try:
         if start is not None:
             state = ckpt.restore(start, abstract_state(cfg, model, ds.num_classes, mesh), train_it)
-            _log(f"resuming {workdir} from its checkpoint at step {start} (training to step {cfg.train.steps})")
+            log(f"resuming {workdir} from its checkpoint at step {start} (training to step {cfg.train.steps})")
     except BaseException:
         ckpt.close(quiet=True)
         raise
@@ -363,13 +318,11 @@ def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], in
 
 def _init_backbone(cfg: Config, state: TrainState, init_from: str, mesh: jax.sharding.Mesh) -> TrainState:
     """``state`` with its backbone loaded from PyTorch weights (the heads stay fresh)."""
-    from lclsc_jax import interop
-
     variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
                                                     return_report=True)
     state = jax.device_put(state.replace(params=variables["params"], batch_stats=variables["batch_stats"]),
                            shd.replicated(mesh))
-    _log(f"initialised backbone from {init_from}: {report}")
+    log(f"initialised backbone from {init_from}: {report}")
     return state
 
 
@@ -501,16 +454,11 @@ def _check_and_average(pending: list[dict[str, jax.Array]], step: int) -> dict[s
 
 def _validate(cfg: Config, model: Any, state: TrainState, mesh: jax.sharding.Mesh, ds: Any,
               indices: np.ndarray, eval_step: Any) -> dict[str, float]:
-    from lclsc_jax import data
-
-    res = predict_batches(cfg, model, state, mesh,
-                          data.eval_batches(ds, indices, cfg.train.eval_batch_size), eval_step)
-    pred = res["probs"].argmax(-1)
-    y = res["label"]
-    recalls = [float(np.mean(pred[y == c] == c)) for c in np.unique(y)]
-    return {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": float(np.mean(recalls))}
+    """Accuracy and balanced accuracy (mean recall over the classes present) of ``state`` on records ``indices``."""
+    res = predict_lib.predict_batches(cfg, model, state, mesh,
+                                      data.eval_batches(ds, indices, predict_lib.eval_batch_size(cfg, mesh)), eval_step)
+    pred, y = res["probs"].argmax(-1), res["label"]
+    balanced = recall_score(y, pred, labels=np.unique(y), average="macro")
+    return {"accuracy": float(accuracy_score(y, pred)), "balanced_accuracy": float(balanced)}
 
 
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)

@@ -9,6 +9,14 @@ import time
 from typing import Any
 
 import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+
+def log(msg: str, enabled: bool = True) -> None:
+    """Print one progress line on stdout (process 0 only; ``enabled=False`` is silent)."""
+    if enabled and jax.process_index() == 0:
+        print(msg, flush=True)
 
 
 class MetricWriter:
@@ -23,8 +31,6 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter  # no TensorFlow needed
-
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
@@ -63,8 +69,6 @@ class Progress:
         self._t0, self._s0 = time.perf_counter(), start
         self._bar = None
         if self.enabled and self.tty:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, initial=start, file=self.stream, unit="step", dynamic_ncols=True)
 
     def rate(self) -> float:
