@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import shutil
 import time
@@ -43,8 +44,7 @@ def main() -> None:
     cfg = C.load("demo", dict(s.split("=", 1) for s in args.set))
     synth = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.synth)}
     d = cfg.data
-    sc = data.SyntheticConfig(num_patients=d.synthetic_patients, images_per_patient=d.synthetic_images_per_patient,
-                              image_size=d.image_size, seed=d.synthetic_seed, **synth)
+    sc = dataclasses.replace(C.synthetic_config(cfg), **synth)
     cache = args.cache + ("_" + "_".join(args.arrangement) if args.arrangement else "")
     t0 = time.time()
     ds = data.load("synthetic", image_size=d.image_size, synthetic=sc, cache_dir=cache)

@@ -70,11 +70,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, cache):
 def test_train_evaluate_predict_beats_chance(tmp_path, cache):
     work = str(tmp_path / "run")
     r = _lclsc("train", "--workdir", work, "--config", "tiny", "--no-progress", "--set", "train.steps=150",
-               "data.image_size=48", "data.synthetic_patients=12", "data.synthetic_images_per_patient=16",
+               "data.image_size=48", "synthetic.num_patients=12", "synthetic.images_per_patient=16",
                "train.batch_size=32", "train.eval_every=75", "train.checkpoint_every=75", f"data.cache_dir={cache}",
                # The honest benchmark needs ~1000 steps; a planted brightness shortcut makes 150 enough to
                # show that training, model selection and evaluation are wired together.
-               "data.synthetic_options=class_gain_shortcut=0.8")
+               "synthetic.class_gain_shortcut=0.8")
     assert r.returncode == 0, r.stderr[-3000:]
     r = _lclsc("evaluate", "--workdir", work)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -156,8 +156,8 @@ def test_config_list_shows_every_key(capsys):
 def test_demo_trains_evaluates_and_writes_every_figure(tmp_path, cache):
     work = tmp_path / "demo"
     r = _lclsc("demo", "--workdir", str(work), "--set", "train.steps=30", "train.eval_every=30",
-               "train.checkpoint_every=30", "data.image_size=32", "data.synthetic_patients=9",
-               "data.synthetic_images_per_patient=8", "train.batch_size=16", f"data.cache_dir={cache}")
+               "train.checkpoint_every=30", "data.image_size=32", "synthetic.num_patients=9",
+               "synthetic.images_per_patient=8", "train.batch_size=16", f"data.cache_dir={cache}")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((work / "demo_summary.json").read_text())
     metrics = json.loads((work / "eval" / "metrics.json").read_text())

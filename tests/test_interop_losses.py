@@ -1,6 +1,6 @@
 """LCL-SC losses: this project's JAX functions vs an independent PyTorch implementation.
 
-The PyTorch versions below are written from the equations in docs/DESIGN (Khosla et al. 2020
+The PyTorch versions below are written from the equations in docs/method.md (Khosla et al. 2020
 L_out; prototype CE against stop-gradient global embeddings; TK-MMP with top/bottom-k means),
 in float64 with autograd, and compared to the JAX float32 values *and* gradients w.r.t. the
 embeddings at 1e-5.
@@ -168,7 +168,7 @@ def test_label_contrastive(data, w_ss):
 @pytest.mark.parametrize("k_max,k_min,alpha", [(3, 2, 1.0), (5, 5, -1.0), (25, 25, 1.0), (1, 4, 0.5)])
 def test_tk_mmp(data, k_max, k_min, alpha):
     maps = np.tanh(data["local"][..., :4])  # (B, 5, 5, 4) in [-1, 1] like cosines
-    j = np.asarray(method.tk_mmp(jnp.asarray(maps, jnp.float32), k_max, k_min, alpha))
+    j = np.asarray(method.tk_mmp(jnp.asarray(maps, jnp.float32), k_max / 25, k_min / 25, alpha))  # counts of 5x5
     t = t_tk_mmp(torch.tensor(maps), k_max, k_min, alpha).numpy()
     assert_close(j, t)
 
@@ -181,7 +181,8 @@ def test_saliency_consistency_from_local_embeddings(data, alpha):
 
     def j_loss(local, g):
         maps = method.class_saliency_maps(local, g)
-        return method.saliency_consistency_loss(maps, jnp.asarray(labels), tau=tau, k_max=k_max, k_min=k_min, alpha=alpha)
+        return method.saliency_consistency_loss(maps, jnp.asarray(labels), tau=tau, k_max=k_max / 25, k_min=k_min / 25,
+                                                alpha=alpha)
 
     def t_loss(local, g):
         s = t_tk_mmp(t_saliency_maps(local, g), k_max, k_min, alpha) / tau
@@ -203,7 +204,7 @@ def test_saliency_consistency_with_equivariance(data):
         maps = method.class_saliency_maps(local, jnp.asarray(g, jnp.float32))
         maps_t = method.class_saliency_maps(local_t, jnp.asarray(g, jnp.float32))
         return method.saliency_consistency_loss(
-            maps, jnp.asarray(labels), tau=0.1, k_max=3, k_min=2, alpha=-1.0,
+            maps, jnp.asarray(labels), tau=0.1, k_max=3 / 25, k_min=2 / 25, alpha=-1.0,
             maps_transformed=maps_t, transform=jnp.asarray(t_idx), w_eq=w_eq,
         )
 

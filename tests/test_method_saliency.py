@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -24,7 +25,8 @@ sal_jit = jax.jit(M.class_saliency_maps)
 sc_jit = jax.jit(M.saliency_consistency_loss, static_argnames=("tau", "k_max", "k_min"))
 # D4 indices are an array argument (traced), so the equivariance term compiles once.
 sc_d4_jit = jax.jit(lambda maps, y, alpha, maps_t, t, mask: M.saliency_consistency_loss(
-    maps, y, 0.1, 3, 2, alpha, maps_t, t, 0.5, mask))
+    maps, y, tau=0.1, k_max=3 / 16, k_min=2 / 16, alpha=alpha, maps_transformed=maps_t, transform=t, w_eq=0.5,
+    mask=mask))
 
 
 # ---------------------------------------------------------------- NumPy references (loops)
@@ -134,31 +136,35 @@ def test_class_saliency_maps_bf16_accumulate_in_f32():
 
 # ---------------------------------------------------------------- resolve_k / tk_mmp
 @pytest.mark.parametrize(
-    "k,n,want", [(1, 16, 1), (16, 16, 16), (1.0, 16, 16), (0.1, 49, 5), (0.01, 16, 1), (0.5, 9, 5),
-                 (np.int32(3), 9, 3)]
+    "k,n,want", [(1 / 16, 16, 1), (1.0, 16, 16), (0.1, 49, 5), (0.01, 16, 1), (0.5, 9, 5),
+                 (np.float32(1 / 3), 9, 3), (2 / 15, 15, 2)]
 )
 def test_resolve_k(k, n, want):
     assert M.resolve_k(k, n) == want
 
 
-@pytest.mark.parametrize("k", [0, 17, 0.0, 1.5, -0.2])
+@pytest.mark.parametrize("k", [0.0, 1.5, -0.2])
 def test_resolve_k_rejects_out_of_range(k):
-    with pytest.raises(ValueError, match=r"\[1, h\*w=16\]|\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
         M.resolve_k(k, 16)
 
 
-def test_resolve_k_rejects_bool():
-    with pytest.raises(TypeError):
-        M.resolve_k(True, 16)
+@pytest.mark.parametrize("k", [1, 16, np.int32(3), True])
+def test_k_is_a_fraction_only_so_one_never_means_one_location(k):
+    # The config reads loss.k_max=1 as 1.0 (all locations); an int 1 in the API would have meant one.
+    with pytest.raises(TypeError, match="fraction"):
+        M.resolve_k(k, 16)
+    with pytest.raises(TypeError, match="fraction"):
+        M.tk_mmp(jnp.zeros((1, 4, 4, 2)), k, 0.5, -1.0)
 
 
 TK_CASES = [
     # (shape, k_max, k_min, counts for the reference)
-    ((2, 3, 4, 2), 1, 1),
-    ((2, 3, 4, 2), 12, 12),  # k = h*w: plain average
-    ((2, 3, 4, 2), 0.25, 1.0),  # fractions: 3 and 12
-    ((3, 4, 4, 10), 3, 1),
-    ((3, 4, 4, 10), 16, 5),
+    ((2, 3, 4, 2), 1 / 12, 1 / 12),  # one location each
+    ((2, 3, 4, 2), 1.0, 1.0),  # k = h*w: plain average
+    ((2, 3, 4, 2), 0.25, 1.0),  # 3 and 12
+    ((3, 4, 4, 10), 3 / 16, 1 / 16),
+    ((3, 4, 4, 10), 1.0, 5 / 16),
 ]
 
 
@@ -189,23 +195,23 @@ def test_tk_mmp_matches_reference(shape, k_max, k_min):
 def test_tk_mmp_known_values():
     """Hand-computed: values 1..4 in a 2x2 map."""
     maps = jnp.arange(1.0, 5.0).reshape(1, 2, 2, 1)
-    assert float(tk_jit(maps, k_max=1, k_min=1, alpha=1.0)[0, 0]) == 5.0  # 4 + 1
-    assert float(tk_jit(maps, k_max=2, k_min=2, alpha=-1.0)[0, 0]) == 2.0  # 3.5 - 1.5
-    assert float(tk_jit(maps, k_max=1.0, k_min=1, alpha=0.0)[0, 0]) == 2.5  # plain mean
+    assert float(tk_jit(maps, k_max=0.25, k_min=0.25, alpha=1.0)[0, 0]) == 5.0  # 4 + 1
+    assert float(tk_jit(maps, k_max=0.5, k_min=0.5, alpha=-1.0)[0, 0]) == 2.0  # 3.5 - 1.5
+    assert float(tk_jit(maps, k_max=1.0, k_min=0.25, alpha=0.0)[0, 0]) == 2.5  # plain mean
     mask = jnp.array([[True, False], [True, False]])  # keeps 1 and 3
-    assert float(tk_jit(maps, k_max=4, k_min=1, alpha=1.0, mask=mask)[0, 0]) == 3.0  # mean(1, 3) + 1
+    assert float(tk_jit(maps, k_max=1.0, k_min=0.25, alpha=1.0, mask=mask)[0, 0]) == 3.0  # mean(1, 3) + 1
 
 
 def test_sc_logits_is_tk_mmp_over_tau():
     maps = _maps(1, 2, 3, 3, 4)
-    out = M.sc_logits(jnp.asarray(maps), 2, 3, -1.0, 0.2)
+    out = M.sc_logits(jnp.asarray(maps), 2 / 9, 3 / 9, -1.0, 0.2)
     np.testing.assert_allclose(np.asarray(out), ref_tk_mmp(maps, 2, 3, -1.0) / 0.2, rtol=1e-5, atol=1e-5)
 
 
 def test_tk_mmp_vmap_over_leading_axis():
     maps = _maps(2, 3, 2, 4, 4, 3)
     mask = circle_mask(4, 4)
-    f = jax.jit(jax.vmap(lambda m, k: M.tk_mmp(m, 2, 3, -1.0, k), in_axes=(0, None)))
+    f = jax.jit(jax.vmap(lambda m, k: M.tk_mmp(m, 2 / 16, 3 / 16, -1.0, k), in_axes=(0, None)))
     out = f(jnp.asarray(maps), jnp.asarray(mask))
     for e in range(3):
         np.testing.assert_allclose(np.asarray(out[e]), ref_tk_mmp(maps[e], 2, 3, -1.0, mask), rtol=1e-5, atol=1e-6)
@@ -213,7 +219,7 @@ def test_tk_mmp_vmap_over_leading_axis():
 
 def test_tk_mmp_bf16_gives_f32():
     maps = jnp.asarray(_maps(3, 2, 4, 4, 3), jnp.bfloat16)
-    out = tk_jit(maps, k_max=3, k_min=2, alpha=-1.0)
+    out = tk_jit(maps, k_max=3 / 16, k_min=2 / 16, alpha=-1.0)
     assert out.dtype == jnp.float32
     want = ref_tk_mmp(np.asarray(maps, np.float32), 3, 2, -1.0)
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
@@ -222,8 +228,8 @@ def test_tk_mmp_bf16_gives_f32():
 @jax.jit
 def tk_all_k(maps, mask):
     """``(2, 9, B, C)``: alpha=0 scores for k_max = 1..9, and alpha=1 scores (k_max=9) for k_min = 1..9."""
-    tops = jnp.stack([M.tk_mmp(maps, k, 1, 0.0, mask) for k in range(1, 10)])
-    bots = jnp.stack([M.tk_mmp(maps, 9, k, 1.0, mask) for k in range(1, 10)])
+    tops = jnp.stack([M.tk_mmp(maps, k / 9, 1 / 9, 0.0, mask) for k in range(1, 10)])
+    bots = jnp.stack([M.tk_mmp(maps, 1.0, k / 9, 1.0, mask) for k in range(1, 10)])
     return jnp.stack([tops, bots])
 
 
@@ -254,7 +260,7 @@ def test_dihedral_select_matches_loops_and_dihedral_batch():
 
 # ---------------------------------------------------------------- SC loss
 @pytest.mark.parametrize("alpha", [1.0, -1.0])
-@pytest.mark.parametrize("c,k_max,k_min", [(2, 1, 16), (10, 0.25, 0.1)])
+@pytest.mark.parametrize("c,k_max,k_min", [(2, 1 / 16, 1.0), (10, 0.25, 0.1)])
 def test_sc_loss_without_second_view(alpha, c, k_max, k_min):
     maps = _maps(c, 4, 4, 4, c)
     labels = np.random.default_rng(c).integers(0, c, 4).astype(np.int32)
@@ -289,7 +295,8 @@ def test_sc_loss_with_callable_transform_on_non_square_maps():
     mask[0, :] = False  # not flip-invariant
     flip_w = lambda x: jnp.flip(x, axis=2)  # noqa: E731
     out = jax.jit(lambda a, y, at, m: M.saliency_consistency_loss(
-        a, y, 0.1, 2, 2, -1.0, at, flip_w, 2.0, m))(jnp.asarray(maps), jnp.asarray(labels),
+        a, y, tau=0.1, k_max=2 / 15, k_min=2 / 15, alpha=-1.0, maps_transformed=at, transform=flip_w, w_eq=2.0,
+        mask=m))(jnp.asarray(maps), jnp.asarray(labels),
                                                       jnp.asarray(maps_t), jnp.asarray(mask))
     flip_ref = lambda n, a: np.stack([a[:, a.shape[1] - 1 - j] for j in range(a.shape[1])], axis=1)  # noqa: E731
     ce = ref_ce(ref_tk_mmp(maps, 2, 2, -1.0, mask) / 0.1, labels)
@@ -300,7 +307,8 @@ def test_sc_loss_bf16_gives_f32():
     maps = jnp.asarray(_maps(14, 4, 4, 4, 3), jnp.bfloat16)
     maps_t = jnp.asarray(_maps(15, 4, 4, 4, 3), jnp.bfloat16)
     labels, t = np.array([0, 2, 1, 1], np.int32), np.array([1, 4, 6, 3], np.int32)
-    out = jax.jit(lambda *a: M.saliency_consistency_loss(*a[:2], 0.1, 2, 3, -1.0, *a[2:]))(
+    out = jax.jit(lambda a, y, at, t: M.saliency_consistency_loss(
+        a, y, tau=0.1, k_max=2 / 16, k_min=3 / 16, alpha=-1.0, maps_transformed=at, transform=t))(
         maps, jnp.asarray(labels), maps_t, jnp.asarray(t))
     assert out.dtype == jnp.float32
     a, at = np.asarray(maps, np.float32), np.asarray(maps_t, np.float32)
@@ -315,7 +323,8 @@ def test_sc_loss_gradients_match_finite_differences():
     mask = jnp.asarray(circle_mask(4, 4))
     with jax.enable_x64(True):
         sc = jax.jit(lambda a, at, alpha: M.saliency_consistency_loss(
-            a, labels, 0.2, 3, 2, alpha, at, t, 0.7, mask))
+            a, labels, tau=0.2, k_max=3 / 16, k_min=2 / 16, alpha=alpha, maps_transformed=at, transform=t, w_eq=0.7,
+            mask=mask))
         tk = jax.jit(lambda a, alpha: M.tk_mmp(a, 0.25, 1.0, alpha, mask))
         args = (jnp.asarray(maps, jnp.float64), jnp.asarray(maps_t, jnp.float64))
         for alpha in (1.0, -1.0):
@@ -334,8 +343,8 @@ def test_sc_gradients_finite_on_degenerate_inputs():
 
     def loss(z):
         maps = M.class_saliency_maps(z, g)
-        return M.saliency_consistency_loss(maps, jnp.array([0, 1]), 0.1, 2, 2, -1.0, maps,
-                                           jnp.array([1, 6]), 1.0, mask)
+        return M.saliency_consistency_loss(maps, jnp.array([0, 1]), tau=0.1, k_max=2 / 9, k_min=2 / 9, alpha=-1.0,
+                                           maps_transformed=maps, transform=jnp.array([1, 6]), w_eq=1.0, mask=mask)
 
     val, grad = jax.jit(jax.value_and_grad(loss))(local_z)
     assert np.isfinite(float(val))
@@ -345,21 +354,22 @@ def test_sc_gradients_finite_on_degenerate_inputs():
 # ---------------------------------------------------------------- errors
 def test_sc_rejects_bad_input():
     maps, y = jnp.zeros((2, 3, 3, 2)), jnp.array([0, 1])
+    scl = functools.partial(M.saliency_consistency_loss, k_max=0.5, k_min=0.5, alpha=-1.0)
     with pytest.raises(ValueError, match="without the transform"):
-        M.saliency_consistency_loss(maps, y, maps_transformed=maps)
+        scl(maps, y, maps_transformed=maps)
     with pytest.raises(ValueError, match="without maps_transformed"):
-        M.saliency_consistency_loss(maps, y, transform=jnp.array([0, 1]))
+        scl(maps, y, transform=jnp.array([0, 1]))
     with pytest.raises(ValueError, match="square"):
-        M.saliency_consistency_loss(jnp.zeros((2, 3, 4, 2)), y, maps_transformed=jnp.zeros((2, 3, 4, 2)),
+        scl(jnp.zeros((2, 3, 4, 2)), y, maps_transformed=jnp.zeros((2, 3, 4, 2)),
                                     transform=jnp.array([0, 1]))
     with pytest.raises(ValueError, match="D4 indices of shape"):
-        M.saliency_consistency_loss(maps, y, maps_transformed=maps, transform=jnp.array([0, 1, 2]))
+        scl(maps, y, maps_transformed=maps, transform=jnp.array([0, 1, 2]))
     with pytest.raises(ValueError, match="mask must have shape"):
-        M.tk_mmp(maps, 1, 1, mask=jnp.ones((4, 4), bool))
+        M.tk_mmp(maps, 0.1, 0.1, -1.0, mask=jnp.ones((4, 4), bool))
     with pytest.raises(ValueError, match="k_max"):
-        M.tk_mmp(maps, 10, 1)
+        M.tk_mmp(maps, 1.5, 0.1, -1.0)
     with pytest.raises(ValueError, match="maps_transformed has"):
-        M.saliency_consistency_loss(maps, y, maps_transformed=jnp.zeros((2, 4, 4, 2)),
+        scl(maps, y, maps_transformed=jnp.zeros((2, 4, 4, 2)),
                                     transform=lambda m: m)
     with pytest.raises(AssertionError):
-        M.tk_mmp(jnp.zeros((3, 3, 2)), 1, 1)
+        M.tk_mmp(jnp.zeros((3, 3, 2)), 0.1, 0.1, -1.0)

@@ -212,11 +212,15 @@ def test_every_blind_map_is_in_unit_range_with_zero_outside(name):
         assert np.all(S.blind_map(name, np.full((1, 18, 18), 0.4), v) == 0)  # flat frame -> 0
 
 
-def test_inscribed_disc_is_the_benchmark_fov_and_detection():
-    from lclsc_jax.protocols import cam_benchmark
-
+def test_inscribed_disc_closed_form_and_detection():
+    np.testing.assert_array_equal(S.inscribed_disc(4, 4), [[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]])
+    assert S.inscribed_disc(1, 1).all() and S.inscribed_disc(2, 2).all()
     for h, w in ((64, 64), (15, 21)):
-        np.testing.assert_array_equal(S.inscribed_disc(h, w), cam_benchmark._fov(h, w))
+        yy, xx = np.mgrid[:h, :w]
+        want = ((yy + 0.5) / h - 0.5) ** 2 + ((xx + 0.5) / w - 0.5) ** 2 <= 0.25
+        np.testing.assert_array_equal(S.inscribed_disc(h, w), want)
+        d = S.inscribed_disc(h, h)
+        assert all(np.array_equal(d, np.rot90(d, k)) for k in range(4)) and np.array_equal(d, d[::-1])
     rng = np.random.default_rng(7)
     img = rng.integers(40, 256, (20, 32, 32, 1), dtype=np.uint8)
     disc = img * _disc(32, 32)[None, :, :, None]

@@ -209,7 +209,7 @@ def torch_step_time(arch: str, size: int, loss: str, batch: int, steps: int, war
     import torch
     import torch.nn.functional as F
 
-    from lclsc_jax.train.steps import feature_fov_mask
+    from lclsc_jax.evaluate.shortcuts import inscribed_disc
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -222,7 +222,7 @@ def torch_step_time(arch: str, size: int, loss: str, batch: int, steps: int, war
     seen = torch.zeros(NUM_CLASSES, dtype=torch.bool)
     with torch.no_grad():
         h = model(x[:1])["features"]["stage4"].shape[-1]
-    mask = torch.from_numpy(feature_fov_mask(h, h))
+    mask = torch.from_numpy(inscribed_disc(h, h))
 
     def one_step() -> None:
         nonlocal g, seen

@@ -4,74 +4,66 @@
     splits = data.splits_for(ds)                      # {"train", "val", "test"} record indices
     it = data.train_iterator(ds, splits["train"], global_batch_size=64, seed=0)
     batch = next(it)                                  # image (B_local, H, W, C) float32, ...
+
+Names load on first use (PEP 562): ``lclsc_jax.data.settings`` (the plain dataclasses that
+``train.config`` nests) imports no TFDS, grain or JAX.
 """
 
-from lclsc_jax.data.augment import AugmentConfig, augment_record, denormalize_images, normalize_images
-from lclsc_jax.data.batching import array_batches, pad_rows
-from lclsc_jax.data.builders import (
-    Dataset,
-    LclscUserImages,
-    RecordSource,
-    SyntheticPcle,
-    default_cache_dir,
-    load,
-)
-from lclsc_jax.data.io import DataError, load_image_file, load_mask_file, read_manifest, scan_folder
-from lclsc_jax.data.pipeline import (
-    GlobalOrder,
-    eval_batches,
-    num_eval_batches,
-    train_dataset,
-    train_iterator,
-)
-from lclsc_jax.data.splits import (
-    check_disjoint,
-    leave_one_patient_out,
-    patient_kfold,
-    patient_split,
-    split_report,
-    splits_for,
-)
-from lclsc_jax.data.export import export_synthetic
-from lclsc_jax.data.synthetic import EVIDENCE, SyntheticConfig, generate_arrays, generate_patient
-from lclsc_jax.data.synthetic import config_from_options as synthetic_config
-from lclsc_jax.data.viz import render_examples, render_panel
+from __future__ import annotations
 
-__all__ = [
-    "EVIDENCE",
-    "AugmentConfig",
-    "DataError",
-    "Dataset",
-    "GlobalOrder",
-    "LclscUserImages",
-    "RecordSource",
-    "SyntheticConfig",
-    "SyntheticPcle",
-    "array_batches",
-    "augment_record",
-    "check_disjoint",
-    "default_cache_dir",
-    "denormalize_images",
-    "eval_batches",
-    "export_synthetic",
-    "generate_arrays",
-    "generate_patient",
-    "leave_one_patient_out",
-    "load",
-    "load_image_file",
-    "load_mask_file",
-    "normalize_images",
-    "num_eval_batches",
-    "pad_rows",
-    "patient_kfold",
-    "patient_split",
-    "read_manifest",
-    "render_examples",
-    "render_panel",
-    "scan_folder",
-    "split_report",
-    "splits_for",
-    "synthetic_config",
-    "train_dataset",
-    "train_iterator",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lclsc_jax.data.augment import augment_record, denormalize_images, normalize_images
+    from lclsc_jax.data.batching import array_batches, pad_rows
+    from lclsc_jax.data.builders import Dataset, LclscUserImages, RecordSource, SyntheticPcle, default_cache_dir, load
+    from lclsc_jax.data.export import export_synthetic
+    from lclsc_jax.data.io import DataError, load_image_file, load_mask_file, read_manifest, scan_folder
+    from lclsc_jax.data.pipeline import GlobalOrder, eval_batches, num_eval_batches, train_dataset, train_iterator
+    from lclsc_jax.data.settings import EVIDENCE, AugmentConfig, SyntheticConfig
+    from lclsc_jax.data.splits import (check_disjoint, leave_one_patient_out, patient_kfold, patient_split,
+                                       split_report, splits_for)
+    from lclsc_jax.data.synthetic import config_from_options as synthetic_config
+    from lclsc_jax.data.synthetic import generate_arrays, generate_patient
+    from lclsc_jax.data.viz import render_examples, render_panel
+
+_WHERE = {
+    "augment_record": "augment", "denormalize_images": "augment", "normalize_images": "augment",
+    "array_batches": "batching", "pad_rows": "batching",
+    "Dataset": "builders", "LclscUserImages": "builders", "RecordSource": "builders", "SyntheticPcle": "builders",
+    "default_cache_dir": "builders", "load": "builders",
+    "export_synthetic": "export",
+    "DataError": "io", "load_image_file": "io", "load_mask_file": "io", "read_manifest": "io", "scan_folder": "io",
+    "GlobalOrder": "pipeline", "eval_batches": "pipeline", "num_eval_batches": "pipeline",
+    "train_dataset": "pipeline", "train_iterator": "pipeline",
+    "EVIDENCE": "settings", "AugmentConfig": "settings", "SyntheticConfig": "settings",
+    "check_disjoint": "splits", "leave_one_patient_out": "splits", "patient_kfold": "splits",
+    "patient_split": "splits", "split_report": "splits", "splits_for": "splits",
+    "generate_arrays": "synthetic", "generate_patient": "synthetic",
+    "render_examples": "viz", "render_panel": "viz",
+}
+_ALIASES = {"synthetic_config": ("synthetic", "config_from_options")}
+_SUBMODULES = ("augment", "batching", "builders", "export", "fibre_bundle", "io", "pipeline", "probe", "settings",
+               "splits", "synthetic", "tissue", "viz")
+
+__all__ = sorted([*_WHERE, *_ALIASES])
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` on first use (PEP 562)."""
+    if name in _WHERE:
+        module, attr = _WHERE[name], name
+    elif name in _ALIASES:
+        module, attr = _ALIASES[name]
+    elif name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

@@ -6,11 +6,10 @@ Normalisation (fixed, dataset-independent, used by every pipeline and by predict
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 from scipy import ndimage
 
+from lclsc_jax.data.settings import AugmentConfig
 from lclsc_jax.method.transforms import dihedral_np
 
 NORM_MEAN = 0.5
@@ -27,28 +26,6 @@ def denormalize_images(x) -> np.ndarray:
     """Normalised float images (..., H, W, C) -> float32 in [0, 1] for display."""
     y = np.asarray(x, dtype=np.float32) * np.float32(NORM_STD) + np.float32(NORM_MEAN)
     return np.clip(y, 0.0, 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Random training augmentation; every op has an on/off switch and a strength."""
-
-    enabled: bool = True
-    flips: bool = True  # random horizontal flip (with rot90: the 8 dihedral transforms)
-    rot90: bool = True  # random quarter turns
-    affine: bool = True
-    rotation_degrees: float = 10.0  # uniform in [-r, r]
-    scale: tuple[float, float] = (0.9, 1.1)
-    translate: float = 0.05  # fraction of the image size, uniform in [-t, t] per axis
-    intensity: bool = True
-    brightness: float = 0.1  # additive, in [0, 1] intensity units
-    contrast: float = 0.15  # multiplicative about the image mean, in [1 - c, 1 + c]
-
-    def __post_init__(self):
-        if self.scale[0] <= 0 or self.scale[0] > self.scale[1]:
-            raise ValueError(f"AugmentConfig.scale must be 0 < lo <= hi, got {self.scale}")
-        if min(self.rotation_degrees, self.translate, self.brightness, self.contrast) < 0:
-            raise ValueError("AugmentConfig strengths must be >= 0")
 
 
 def _affine(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig):

@@ -29,7 +29,8 @@ from etils import epath
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from lclsc_jax.data import io as data_io
-from lclsc_jax.data.synthetic import SyntheticConfig, generate, pass_metadata, patient_ids, patient_label
+from lclsc_jax.data.settings import SyntheticConfig
+from lclsc_jax.data.synthetic import generate, pass_metadata, patient_ids, patient_label
 
 INDEX_FILE = "lclsc_index.json"
 _CODE_PATH = epath.Path(__file__)

@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from lclsc_jax.data.synthetic import SyntheticConfig, generate_patient, patient_ids
+from lclsc_jax.data.settings import SyntheticConfig
+from lclsc_jax.data.synthetic import generate_patient, patient_ids
 
 MANIFEST = "manifest.csv"
 COLUMNS = ("path", "label", "patient", "mask", "sequence", "frame", "diagnostic", "kind")

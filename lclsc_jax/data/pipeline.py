@@ -17,9 +17,10 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from lclsc_jax.data.augment import AugmentConfig, augment_record, normalize_images
+from lclsc_jax.data.augment import augment_record, normalize_images
 from lclsc_jax.data.batching import pad_rows
 from lclsc_jax.data.builders import Dataset
+from lclsc_jax.data.settings import AugmentConfig
 
 _SHUFFLE_SALT = 0x5EED
 _AUGMENT_SALT = 0xA06

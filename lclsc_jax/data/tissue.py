@@ -36,11 +36,6 @@ import numpy as np
 from scipy import ndimage, signal
 from scipy.spatial import cKDTree
 
-EVIDENCE = {
-    "healthy": "no lesion: fine fibres in every direction (no local order)",
-    "glioma": "streams: inside each focus the fibres run parallel (tumour cells migrating along a tract)",
-    "meningioma": "interlacing fascicles: inside each focus two families of fibres cross at right angles",
-}
 ARRANGEMENTS = {"healthy": None, "glioma": "parallel", "meningioma": "crossing"}
 ORIENTATION_BINS = 16
 

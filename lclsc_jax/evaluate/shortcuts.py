@@ -99,7 +99,11 @@ def _valid(valid: Any, shape: tuple[int, int]) -> np.ndarray:
 
 
 def inscribed_disc(h: int, w: int) -> np.ndarray:
-    """pCLE's circular field of view ``(H, W)``: pixels whose centre lies in the inscribed disc (``benchmark-cams``')."""
+    """pCLE's circular field of view ``(H, W)`` bool: pixels (or feature cells) whose centre lies in the inscribed disc.
+
+    The one copy of the disc: ``benchmark-cams`` scores inside it, the SC loss masks feature maps
+    with it (``loss.fov_mask``). It is invariant under the dihedral group and never empty.
+    """
     yy, xx = np.meshgrid((np.arange(h) + 0.5) / h - 0.5, (np.arange(w) + 0.5) / w - 0.5, indexing="ij")
     return (yy**2 + xx**2) <= 0.25
 

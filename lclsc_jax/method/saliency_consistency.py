@@ -5,6 +5,10 @@ or {0, 1}) marks the valid locations. Invalid locations never enter either pool.
 valid locations in a sample, a pool of size ``k`` averages the ``min(k, n)`` most extreme
 valid values (so a mask leaving fewer than ``k`` valid locations gives the mean of those);
 a sample with no valid location pools to 0.
+
+Settings. ``k_max``, ``k_min`` (fractions in ``(0, 1]`` of the map's locations) and ``alpha``
+have no defaults here: ``train.config.LossConfig`` is their single source (``k = 0.1``,
+``alpha = -1``, top minus bottom); pass them explicitly when calling these functions directly.
 """
 
 from __future__ import annotations
@@ -31,21 +35,19 @@ def class_saliency_maps(local_z: jax.Array, global_emb: jax.Array) -> jax.Array:
     return cosine_similarity(local_z, jax.lax.stop_gradient(global_emb))
 
 
-def resolve_k(k: int | float, n: int, name: str = "k") -> int:
-    """Pool size from an int count in ``[1, n]`` or a float fraction in ``(0, 1]`` of ``n``.
+def resolve_k(k: float, n: int, name: str = "k") -> int:
+    """Pool size from a fraction ``k`` in ``(0, 1]`` of ``n`` locations: ``round(k * n)``, at least 1.
 
-    Fractions round half up and are at least 1 (so ``1`` means one location, ``1.0`` all ``n``).
+    ``k`` is always a fraction (``1.0`` = all ``n``), in the API as in the config; an int is
+    refused, so ``1`` can never mean "one location" in one place and "all" in another. ``k``
+    locations of ``n`` is the fraction ``k / n``.
     """
-    if isinstance(k, bool):
-        raise TypeError(f"{name} must be an int count or a float fraction, got bool {k}")
-    if isinstance(k, int) or (hasattr(k, "dtype") and jnp.issubdtype(k.dtype, jnp.integer)):
-        k = int(k)
-        if not 1 <= k <= n:
-            raise ValueError(f"{name}={k} must be a count in [1, h*w={n}] (or a fraction in (0, 1])")
-        return k
+    if isinstance(k, (bool, int)) or (hasattr(k, "dtype") and not jnp.issubdtype(k.dtype, jnp.floating)):
+        raise TypeError(f"{name} must be a float fraction in (0, 1] of the {n} locations, got {k!r} "
+                        f"(for a count c of locations pass c / {n})")
     k = float(k)
     if not 0.0 < k <= 1.0:
-        raise ValueError(f"{name}={k} as a fraction must be in (0, 1] (or an int count in [1, {n}])")
+        raise ValueError(f"{name}={k} must be a fraction in (0, 1] of the {n} locations")
     return max(1, min(n, int(k * n + 0.5)))
 
 
@@ -78,15 +80,15 @@ def _top_mean(x: jax.Array, k: int, valid: jax.Array | None) -> jax.Array:
 
 def tk_mmp(
     maps: jax.Array,
-    k_max: int | float,
-    k_min: int | float,
-    alpha: float = 1.0,
+    k_max: float,
+    k_min: float,
+    alpha: float,
     mask: jax.Array | None = None,
 ) -> jax.Array:
     """Top-K max-min pooling of ``maps (B, h, w, C)`` over space: ``(B, C)`` f32.
 
-    ``s_c = mean(k_max largest of S_c) + alpha * mean(k_min smallest of S_c)``; ``k`` is an int
-    count or a float fraction of ``h*w`` (see :func:`resolve_k`). ``mask (h, w) | (B, h, w)``
+    ``s_c = mean(k_max largest of S_c) + alpha * mean(k_min smallest of S_c)``; ``k`` is a
+    fraction of ``h*w`` (see :func:`resolve_k`). ``mask (h, w) | (B, h, w)``
     excludes locations from both pools (see the module docstring for the rule).
     """
     chex.assert_rank(maps, 4)
@@ -104,9 +106,9 @@ def tk_mmp(
 
 def sc_logits(
     maps: jax.Array,
-    k_max: int | float = 0.1,
-    k_min: int | float = 0.1,
-    alpha: float = 1.0,
+    k_max: float,
+    k_min: float,
+    alpha: float,
     tau: float = 0.1,
     mask: jax.Array | None = None,
 ) -> jax.Array:
@@ -175,10 +177,11 @@ def equivariance_loss(
 def saliency_consistency_loss(
     maps: jax.Array,
     labels: jax.Array,
+    *,
+    k_max: float,
+    k_min: float,
+    alpha: float,
     tau: float = 0.1,
-    k_max: int | float = 0.1,
-    k_min: int | float = 0.1,
-    alpha: float = 1.0,
     maps_transformed: jax.Array | None = None,
     transform: Transform | None = None,
     w_eq: float = 1.0,

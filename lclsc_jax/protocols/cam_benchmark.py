@@ -114,12 +114,6 @@ def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[f
     return row
 
 
-def _fov(h: int, w: int) -> np.ndarray:
-    """pCLE's circular field of view ``(H, W)``: pixels whose centre lies in the inscribed disc."""
-    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h - 0.5, (np.arange(w) + 0.5) / w - 0.5, indexing="ij")
-    return (yy**2 + xx**2) <= 0.25
-
-
 def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
     """Saliency maps ``(N, H, W)`` in [0, 1] of ``x (N, H, W, C)`` in fixed-size (padded) batches."""
     out = []
@@ -266,7 +260,7 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     masks = np.stack([np.asarray(r["mask"]) > 0 for r in recs])
     targets = np.asarray([int(r["label"]) for r in recs], np.int32)
     x = normalize_images(images)
-    valid = _fov(*images.shape[1:3]) if fov else None
+    valid = shortcuts.inscribed_disc(*images.shape[1:3]) if fov else None
     plan = benchmark_plan(run.model, list(methods or DEFAULT_METHODS), stages)
     columns = benchmark_columns(thresholds, faithfulness)
     score_fn = _score_fn(run) if faithfulness else None

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from lclsc_jax.data.settings import AugmentConfig, SyntheticConfig, parse_value
+
 
 class ConfigError(ValueError):
     """A config key or value no run can use."""
@@ -24,7 +26,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Backbone and head."""
 
-    arch: str = "resnet18"  # tiny | resnet18 | resnet34 | resnet50
+    arch: str = "resnet18"  # one of ARCHS
     embed_dim: int = 128
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     remat: bool = False
@@ -43,22 +45,17 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     split_seed: int = 0
-    augment: bool = True
-    synthetic_patients: int = 24
-    synthetic_images_per_patient: int = 40
-    synthetic_seed: int = 0
-    synthetic_options: str = ""  # other simulator parameters, "KEY=VALUE;KEY=VALUE" (e.g. "noise=false;motion=false")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Which objective and its hyper-parameters (DESIGN.md, "The method")."""
+    """Which objective and its hyper-parameters (docs/method.md)."""
 
     name: str = "lcl_sc"  # lcl_sc | lcl | supcon | ce
     tau: float = 0.1
     w_ss: float = 1.0
     lambda_sc: float = 1.0
-    k_max: float = 0.1  # fraction of h*w in (0, 1], or a count >= 1
+    k_max: float = 0.1  # fraction of the feature map's h*w locations, in (0, 1] (1.0 = all)
     k_min: float = 0.1
     alpha: float = -1.0  # -1: top - bottom (our default); +1: WILDCAT negative evidence
     w_eq: float = 1.0
@@ -84,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 2
     eval_batch_size: int = 128
-    best_metric: str = "accuracy"
+    best_metric: str = "accuracy"  # one of BEST_METRICS: the validation metric that picks the "best" checkpoint
 
 
 @dataclass(frozen=True)
@@ -93,6 +90,8 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation (data.settings)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # the simulator, for data.source=synthetic
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
@@ -110,7 +109,8 @@ def _register_presets() -> None:
     # The CPU demo: a tiny CNN on 64x64 synthetic frames, minutes on 2 cores.
     PRESETS["demo"] = _preset(
         model=dict(arch="tiny"),
-        data=dict(image_size=64, synthetic_patients=24, synthetic_images_per_patient=40),
+        data=dict(image_size=64),
+        synthetic=dict(num_patients=24, images_per_patient=40),
         # lambda_sc=0.1: at the paper's 1.0 the SC term dominates the first thousand steps of a tiny
         # model on the pCLE simulator (held-out accuracy 0.62 vs 0.81; experiments/RESULTS.md).
         loss=dict(lambda_sc=0.1),
@@ -120,7 +120,8 @@ def _register_presets() -> None:
     # Tests: as small as still means something.
     PRESETS["tiny"] = _preset(
         model=dict(arch="tiny", embed_dim=32),
-        data=dict(image_size=32, synthetic_patients=9, synthetic_images_per_patient=8),
+        data=dict(image_size=32),
+        synthetic=dict(num_patients=9, images_per_patient=8),
         train=dict(steps=20, batch_size=16, lr=3e-3, warmup_steps=2, eval_every=10,
                    checkpoint_every=10, log_every=5, eval_batch_size=32),
     )
@@ -131,30 +132,53 @@ def _register_presets() -> None:
     )
 
 
+#: Keys a config holds but does not set: their value follows another key's (one source each).
+DERIVED = {"synthetic.image_size": "data.image_size"}
+
+#: Keys of older configs (``config.json`` of earlier runs) and where their setting lives now.
+RENAMED = {"data.augment": "augment.enabled", "data.synthetic_patients": "synthetic.num_patients",
+           "data.synthetic_images_per_patient": "synthetic.images_per_patient", "data.synthetic_seed": "synthetic.seed"}
+
+
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a config into ``{"section.key": value}``."""
+    """Flatten a config into ``{"section.key": value}`` (without the :data:`DERIVED` keys)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(v):
             out.update(flatten(v, key + "."))
-        else:
+        elif key not in DERIVED:
             out[key] = v
     return out
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """Nested plain-dict form (what ``config.json`` holds)."""
-    return dataclasses.asdict(cfg)
+    """Nested plain-dict form (what ``config.json`` holds; tuples as lists, no :data:`DERIVED` keys)."""
+    d = dataclasses.asdict(cfg)
+    for key in DERIVED:
+        sec, name = key.split(".")
+        d[sec].pop(name, None)
+    return d
+
+
+def synthetic_config(cfg: Config) -> SyntheticConfig:
+    """The simulator settings of a run, generating frames of ``data.image_size``."""
+    return dataclasses.replace(cfg.synthetic, image_size=cfg.data.image_size)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Convert ``value`` (often a string from the command line) to ``typ``."""
+def _coerce(key: str, value: Any, typ: Any, current: Any = None) -> Any:
+    """Convert ``value`` (often a string from the command line) to ``typ`` (``current``: the value it replaces)."""
+    if typing.get_origin(typ) is tuple:  # "lo,hi" or a JSON list, typed like the current value
+        raw = ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+        try:
+            return parse_value(f"config key {key!r}", raw, current)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -179,6 +203,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 
 def _unknown_key_error(key: str, valid: list[str]) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(f"config key {key!r} is now {RENAMED[key]!r}")
+    if key == "data.synthetic_options":
+        return ConfigError("config key 'data.synthetic_options' is gone: set each simulator parameter as "
+                           "'synthetic.KEY=VALUE' (see `lclsc config --list`)")
+    if key in DERIVED:
+        return ConfigError(f"config key {key!r} follows {DERIVED[key]!r}: set that instead")
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     if not close:  # also match the last component alone, e.g. "lr" -> "train.lr"
         tail = key.split(".")[-1]
@@ -201,10 +232,13 @@ def override(cfg: Config, updates: dict[str, Any]) -> Config:
         if "." in key:
             sec, name = key.split(".", 1)
             typ = _field_types(type(getattr(cfg, sec)))[name]
-            sections.setdefault(sec, {})[name] = _coerce(key, value, typ)
+            sections.setdefault(sec, {})[name] = _coerce(key, value, typ, getattr(getattr(cfg, sec), name))
         else:
             top[key] = _coerce(key, value, hints[key])
-    new = {sec: dataclasses.replace(getattr(cfg, sec), **kv) for sec, kv in sections.items()}
+    try:  # the data sections check their own values (data.settings)
+        new = {sec: dataclasses.replace(getattr(cfg, sec), **kv) for sec, kv in sections.items()}
+    except ValueError as e:
+        raise ConfigError(f"invalid config: {e}") from None
     cfg = dataclasses.replace(cfg, **new, **top)
     validate(cfg)
     return cfg
@@ -224,13 +258,26 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def from_dict(d: dict[str, Any]) -> Config:
-    """Build a config from a nested dict (e.g. a saved ``config.json``); unknown keys are errors."""
+    """Build a config from a nested dict (e.g. a saved ``config.json``); unknown keys are errors.
+
+    Keys of older configs (:data:`RENAMED`, ``data.synthetic_options``) are read into their new
+    place, so earlier runs still load; :data:`DERIVED` keys are ignored.
+    """
     flat: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             flat[k] = v
+    for old, new in RENAMED.items():
+        if old in flat:
+            flat[new] = flat.pop(old)
+    for opt in str(flat.pop("data.synthetic_options", "") or "").split(";"):
+        if opt.strip():
+            k, _, v = opt.partition("=")
+            flat[f"synthetic.{k.strip()}"] = v.strip()
+    for key in DERIVED:
+        flat.pop(key, None)
     return override(Config(), flat)
 
 
@@ -251,6 +298,10 @@ def load(name_or_file: str = "default", overrides: list[str] | dict[str, Any] | 
 
 
 LOSSES = ("lcl_sc", "lcl", "supcon", "ce")
+#: ``models.ARCHS`` (a test keeps the two equal; listed here so a config is checked without importing Flax).
+ARCHS = ("tiny", "resnet18", "resnet34", "resnet50")
+#: What training validation measures (higher is better), for ``train.best_metric``.
+BEST_METRICS = ("accuracy", "balanced_accuracy")
 
 
 def validate(cfg: Config) -> None:
@@ -258,6 +309,10 @@ def validate(cfg: Config) -> None:
     errors = []
     if cfg.loss.name not in LOSSES:
         errors.append(f"loss.name must be one of {LOSSES}, got {cfg.loss.name!r}")
+    if cfg.model.arch not in ARCHS:
+        errors.append(f"model.arch must be one of {ARCHS}, got {cfg.model.arch!r}")
+    if cfg.train.best_metric not in BEST_METRICS:
+        errors.append(f"train.best_metric must be one of {BEST_METRICS}, got {cfg.train.best_metric!r}")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         errors.append(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
     if cfg.train.optimizer not in ("adamw", "sgd"):
@@ -275,8 +330,8 @@ def validate(cfg: Config) -> None:
         errors.append("loss.tau must be > 0")
     for key in ("k_max", "k_min"):
         v = getattr(cfg.loss, key)
-        if v <= 0 or (v > 1 and not float(v).is_integer()):
-            errors.append(f"loss.{key} must be a fraction in (0, 1] or an integer count, got {v}")
+        if not 0 < v <= 1:
+            errors.append(f"loss.{key} must be a fraction in (0, 1] of the feature map's locations, got {v}")
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
 

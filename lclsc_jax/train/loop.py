@@ -19,7 +19,7 @@ from lclsc_jax.train import predict as predict_lib
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train import steps as steps_lib
 from lclsc_jax.train.checkpoint import Checkpointer, abstract_like, saved_steps
-from lclsc_jax.train.config import Config, flatten, from_dict, override, to_dict, uses_gei
+from lclsc_jax.train.config import Config, flatten, from_dict, override, synthetic_config, to_dict, uses_gei
 from lclsc_jax.train.reporting import MetricWriter, Progress, log
 from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer
 
@@ -49,19 +49,15 @@ class TrainingInterrupted(KeyboardInterrupt):
 def load_dataset(cfg: Config, source: str | None = None) -> Any:
     """The dataset a config names (or ``source`` instead of ``cfg.data.source``).
 
-    ``source``: ``"synthetic"`` (built from the ``data.synthetic_*`` keys), a folder
+    ``source``: ``"synthetic"`` (built from the ``synthetic.*`` section), a folder
     ``ROOT/<class>/<patient>/<frame>`` or a CSV manifest (converted to ``data.image_size`` and
     ``data.channels``). Returns a ``lclsc_jax.data.Dataset``; bad input raises ``data.DataError``
     naming the file (and CSV line).
     """
     d = cfg.data
     source = source or d.source
-    synthetic = None
-    if source == "synthetic":  # the synthetic keys mean nothing for a user's folder or manifest
-        options = [o for o in d.synthetic_options.split(";") if o.strip()]
-        synthetic = data.synthetic_config(options, num_patients=d.synthetic_patients,
-                                          images_per_patient=d.synthetic_images_per_patient,
-                                          image_size=d.image_size, seed=d.synthetic_seed)
+    # The synthetic section means nothing for a user's folder or manifest.
+    synthetic = synthetic_config(cfg) if source == "synthetic" else None
     return data.load(source, image_size=d.image_size, channels=d.channels,
                      cache_dir=d.cache_dir or None, synthetic=synthetic,
                      allow_outside_root=d.allow_outside_root)
@@ -299,7 +295,7 @@ def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], in
         state = _init_backbone(cfg, state, init_from, mesh)
     train_it = data.train_iterator(
         ds, splits["train"], global_batch_size=cfg.train.batch_size, seed=cfg.seed,
-        augment=data.AugmentConfig() if cfg.data.augment else data.AugmentConfig(enabled=False),
+        augment=cfg.augment,
         num_workers=cfg.data.num_workers)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.train.keep_last,
                         best_metric=f"val_{cfg.train.best_metric}")

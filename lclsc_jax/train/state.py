@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lclsc_jax import method
 from lclsc_jax.train.config import Config
 
 
@@ -74,12 +75,13 @@ def create_state(model: Any, tx: optax.GradientTransformation, num_classes: int,
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init(init_rng, dummy, train=False)
     params = variables["params"]
+    global_emb, seen = method.init_global_embeddings(num_classes, embed_dim)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        global_emb=jnp.zeros((num_classes, embed_dim), jnp.float32),
-        seen=jnp.zeros((num_classes,), jnp.bool_),
+        global_emb=global_emb,
+        seen=seen,
         rng=state_rng,
     )

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from lclsc_jax import method
+from lclsc_jax.evaluate.shortcuts import inscribed_disc
 from lclsc_jax.method.transforms import NUM_DIHEDRAL
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train.config import Config, uses_gei
@@ -21,17 +22,6 @@ from lclsc_jax.train.state import TrainState
 
 TRAIN_KEYS = ("image", "label")
 EVAL_KEYS = ("image", "label")
-
-
-def feature_fov_mask(h: int, w: int) -> np.ndarray:
-    """Validity mask ``(h, w)`` of a feature map under pCLE's circular field of view.
-
-    A cell is valid when its centre lies inside the disc inscribed in the image. The disc is
-    invariant under the dihedral group, so the transformed view uses the same mask.
-    """
-    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h - 0.5, (np.arange(w) + 0.5) / w - 0.5, indexing="ij")
-    mask = (yy**2 + xx**2) <= 0.25
-    return mask if mask.any() else np.ones((h, w), bool)
 
 
 def _compute_dtype(cfg: Config) -> jnp.dtype:
@@ -44,8 +34,8 @@ def _sc_terms(cfg: Config, local_z: jax.Array, local_z_t: jax.Array | None, labe
     loss_cfg = cfg.loss
     g = jax.lax.stop_gradient(global_emb)
     maps = method.class_saliency_maps(local_z, g)
-    mask = feature_fov_mask(*maps.shape[1:3]) if loss_cfg.fov_mask else None
-    kw = dict(tau=loss_cfg.tau, k_max=_k(loss_cfg.k_max), k_min=_k(loss_cfg.k_min), alpha=loss_cfg.alpha)
+    mask = inscribed_disc(*maps.shape[1:3]) if loss_cfg.fov_mask else None  # feature cells in the disc
+    kw = dict(tau=loss_cfg.tau, k_max=float(loss_cfg.k_max), k_min=float(loss_cfg.k_min), alpha=loss_cfg.alpha)
     if local_z_t is None:
         ce = method.saliency_consistency_loss(maps, labels, mask=mask, **kw)
         eq = jnp.zeros((), jnp.float32)
@@ -59,10 +49,6 @@ def _sc_terms(cfg: Config, local_z: jax.Array, local_z_t: jax.Array | None, labe
     eq = method.equivariance_loss(maps[sub], maps_t, t, mask=mask)
     logits = method.sc_logits(maps, mask=mask, **kw)
     return ce, eq, logits
-
-
-def _k(v: float) -> float | int:
-    return int(v) if v > 1 else float(v)
 
 
 def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tuple[dict, Any, dict]]]:
@@ -104,10 +90,7 @@ def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tupl
         if lc.name == "supcon":
             loss = method.supervised_contrastive_loss(z_all, y_all, tau=lc.tau)
         else:
-            proto = method.prototype_contrastive_loss(z_all, y_all, state.global_emb, tau=lc.tau)
-            ss = method.supervised_contrastive_loss(z_all, y_all, tau=lc.tau)
-            loss = proto + lc.w_ss * ss
-            metrics.update(loss_proto=proto, loss_ss=ss)
+            loss = method.label_contrastive_loss(z_all, y_all, state.global_emb, tau=lc.tau, w_ss=lc.w_ss)
         if lc.name == "lcl_sc" and lc.lambda_sc > 0:
             ce, eq, sc_logits = _sc_terms(cfg, out["local_embedding"],
                                           None if out_t is None else out_t["local_embedding"],
@@ -163,11 +146,11 @@ def make_eval_step(model: Any, cfg: Config) -> Callable[[TrainState, dict[str, j
 
     def eval_step(state: TrainState, batch: dict[str, jax.Array]):
         out = model.apply(state.variables, batch["image"].astype(dtype), train=False)
-        if not uses_gei(cfg):
-            logits = out["logits"].astype(jnp.float32)
+        if uses_gei(cfg):
+            probs, _ = method.gei_predict(out["embedding"], state.global_emb, tau=tau)
         else:
-            logits = method.gei_logits(out["embedding"], state.global_emb, tau=tau)
-        return {"probs": jax.nn.softmax(logits, axis=-1), "embedding": out["embedding"].astype(jnp.float32)}
+            probs = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)
+        return {"probs": probs, "embedding": out["embedding"].astype(jnp.float32)}
 
     return eval_step
 
