@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
+from sklearn import metrics as skm
 
 from lclsc_jax.evaluate.faithfulness import (
     confidence_change,
@@ -126,9 +127,22 @@ def test_saliency_ranks_ties_in_raster_order():
     np.testing.assert_array_equal(np.asarray(saliency_ranks(s)), [[1, 0, 2, 3]])
 
 
+def test_saliency_ranks_match_scipy_rankdata():
+    # Integer values so ties are frequent; SciPy's "ordinal" ranks break ties by position too.
+    s = np.random.default_rng(4).integers(0, 5, (3, 5, 7)).astype(np.float32)
+    ref = stats.rankdata(-s.reshape(3, -1), method="ordinal", axis=1) - 1
+    np.testing.assert_array_equal(np.asarray(saliency_ranks(jnp.asarray(s))), ref)
+
+
 def test_curve_auc_hand_computed():
     np.testing.assert_allclose(curve_auc([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), [0.5, 0.5, 1.0])
     np.testing.assert_allclose(curve_auc([[0.0, 1.0, 0.0]]), [0.5])
+
+
+def test_curve_auc_matches_sklearn_auc():
+    curves = np.random.default_rng(5).random((4, 33))
+    ref = [skm.auc(np.linspace(0.0, 1.0, curves.shape[1]), c) for c in curves]
+    np.testing.assert_allclose(curve_auc(curves), ref, rtol=1e-12)
 
 
 # ------------------------------------------------------------------------------- ROAD

@@ -59,6 +59,33 @@ def test_hand_computed_three_class():
     assert m["positive_class"] is None
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_per_class_precision_recall_f1_from_counts(seed):
+    """The per-class values (scikit-learn inside) against the formulas of docs/evaluate.md, by counting."""
+    rng = np.random.default_rng(seed)
+    c = 4
+    y = rng.integers(0, c - 1, 30)  # class 3 is absent from y_true
+    probs = _softmax(rng.normal(size=(30, c)) + 2 * np.eye(c)[y])
+    probs[:, 0] = 0.0  # class 0 is never predicted
+    probs /= probs.sum(1, keepdims=True)
+    pred = probs.argmax(1)
+    m = classification_metrics(y, probs)
+    for k in range(c):
+        tp, fp, fn = [int(np.sum(a & b)) for a, b in ((y == k, pred == k), (y != k, pred == k), (y == k, pred != k))]
+        pc = m["per_class"][str(k)]
+        prec = tp / (tp + fp) if tp + fp else 0.0  # never predicted: 0
+        assert pc["precision"] == pytest.approx(prec)
+        if tp + fn == 0:  # absent: recall and F1 undefined
+            assert k == 3 and pc["recall"] is None and pc["sensitivity"] is None and pc["f1"] is None
+            continue
+        rec = tp / (tp + fn)
+        assert pc["recall"] == pytest.approx(rec) and pc["sensitivity"] == pc["recall"]
+        assert pc["f1"] == pytest.approx(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+    assert m["per_class"]["0"]["precision"] == 0.0 and m["per_class"]["0"]["f1"] == 0.0
+    assert m["precision"] == pytest.approx(np.mean([m["per_class"][str(k)]["precision"] for k in range(3)]))
+    assert any("never predicted" in note for note in m["notes"]) and any("absent" in note for note in m["notes"])
+
+
 def test_hand_computed_binary_with_ties():
     y = np.array([0, 0, 1, 1, 1])
     p1 = np.array([0.2, 0.6, 0.6, 0.9, 0.4])

@@ -2,13 +2,13 @@
 
 Needs torch and ``grad-cam`` (``pip install --no-deps grad-cam==1.5.7 ttach opencv-python-headless``);
 torchvision is not needed: pytorch-grad-cam imports it only for image preprocessing, SESS and
-detection targets, so a stub module is installed when it is missing. Skipped otherwise.
+detection targets, so ``torch_helpers.import_pytorch_grad_cam`` puts a stub in place for the import
+when it is missing (and removes it again). Skipped otherwise.
 """
 
 from __future__ import annotations
 
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -16,35 +16,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
-
-def _install_torchvision_stub() -> None:
-    try:
-        import torchvision  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    def missing(*args, **kwargs):
-        raise RuntimeError("torchvision is not installed (stub for pytorch-grad-cam)")
-
-    tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
-    fn, ops = types.ModuleType("torchvision.transforms.functional"), types.ModuleType("torchvision.ops")
-    tr.Compose = tr.Normalize = tr.ToTensor = missing
-    fn.resize = ops.box_iou = missing
-    tr.functional, tv.transforms, tv.ops = fn, tr, ops
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
-                        "torchvision.transforms.functional": fn, "torchvision.ops": ops})
-
-
-_install_torchvision_stub()
-pgc = pytest.importorskip("pytorch_grad_cam")
-
 import jax.numpy as jnp  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from torch_helpers import Logits, import_pytorch_grad_cam  # noqa: E402 - tests/ helper; needs torch
 
-from lclsc_jax import explain, models  # noqa: E402
+_grad_cam = import_pytorch_grad_cam()  # skips this module without pytorch-grad-cam
+pgc, ClassifierOutputTarget = _grad_cam.pgc, _grad_cam.ClassifierOutputTarget
 
-from lclsc_jax import interop  # noqa: E402 - the project itself: an import error must fail, not skip
+# The project itself: an import error must fail, not skip.
+from lclsc_jax import explain, interop, models  # noqa: E402
 from lclsc_jax.interop import torch_reference as tref  # noqa: E402
 
 # The pytorch-grad-cam class of every method the registry says is parity-tested against it.
@@ -63,37 +42,26 @@ def _torchvision_order_forward(self, x):
     return self.relu(out + identity)
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, net, global_emb=None, tau=0.1):
-        super().__init__()
-        self.net, self.g, self.tau = net, global_emb, tau
-
-    def forward(self, x):
-        out = self.net(x)
-        if self.g is None:
-            return out["logits"]
-        z = torch.nn.functional.normalize(out["embedding"], dim=-1)
-        return z @ torch.nn.functional.normalize(self.g, dim=-1).T / self.tau
-
-
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
     net = tref.torch_resnet("resnet18", num_classes=4, embed_dim=32)
     tref.randomize_batch_norm(net, 0)
-    type(net.layer1[0]).forward = _torchvision_order_forward
     net.eval()
     sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     variables = interop.load_torch_weights(sd, "resnet18")
     model = models.create("resnet18", 4, head="linear", embed_dim=32)
-    return net, model, variables
+    # The BasicBlock class is torch_reference's own (shared by every test): patched for this module only.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(net.layer1[0]), "forward", _torchvision_order_forward)
+        yield net, model, variables
 
 
 def _compare(pair, method, stage, size, batch, gei=False):
     net, model, variables = pair
     x = np.random.RandomState(1).randn(batch, 3, size, size).astype(np.float32)
     g = np.random.RandomState(2).randn(4, 32).astype(np.float32) if gei else None
-    wrapped = _Logits(net, None if g is None else torch.from_numpy(g)).eval()
+    wrapped = Logits(net, None if g is None else torch.from_numpy(g)).eval()
     with torch.no_grad():
         tg = wrapped(torch.from_numpy(x)).numpy().argmax(-1)
     layer = {"stage4": net.layer4, "stage3": net.layer3}[stage]
@@ -125,3 +93,13 @@ def test_fullgrad_matches(pair):
 
 def test_gei_scores_match(pair):
     _compare(pair, "gradcam", "stage4", 96, 2, gei=True)
+
+
+
+def test_torchvision_stub_is_gone_after_the_import():
+    # The stub existed only while pytorch-grad-cam imported (its modules have no __spec__): the
+    # other tests see the environment as it is, with torchvision and pytorch-grad-cam not importable.
+    stubs = [n for n, m in sys.modules.items() if n.split(".")[0] == "torchvision" and m.__spec__ is None]
+    assert not stubs
+    if "torchvision" not in sys.modules:
+        assert not [n for n in sys.modules if n.split(".")[0] == "pytorch_grad_cam"]

@@ -23,6 +23,8 @@ from lclsc_jax.interop import torch_reference
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
+import torch_helpers  # noqa: E402 - tests/ helper (needs torch): imported plainly
+
 ARCH = "resnet18"
 K = 3  # classes of the fc layer
 SIZE = 64  # small images keep the test fast (stage4 is 2x2)
@@ -57,20 +59,12 @@ def jax_out(plain):
     return jax.jit(lambda v, im: model.apply(v, im, train=False))(variables, jnp.asarray(x))
 
 
-def _pgc():
-    """pytorch-grad-cam with the torchvision stub of the parity tests (skip if not installed)."""
-    parity = pytest.importorskip("test_explain_torch_parity")  # installs the stub, skips without grad-cam
-    return parity.pgc, parity._Logits
-
-
 def _reference_gradcam(net, x_nhwc: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """pytorch-grad-cam's Grad-CAM of ``net``'s logits at layer4: ``(B, H, W)`` in [0, 1]."""
-    pgc, logits_module = _pgc()
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    cam = pgc.GradCAM(model=logits_module(net).eval(), target_layers=[net.layer4])
+    """pytorch-grad-cam's Grad-CAM of ``net``'s logits at layer4: ``(B, H, W)`` in [0, 1] (skips without it)."""
+    grad_cam = torch_helpers.import_pytorch_grad_cam()
+    cam = grad_cam.pgc.GradCAM(model=torch_helpers.Logits(net).eval(), target_layers=[net.layer4])
     return cam(input_tensor=torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()),
-               targets=[ClassifierOutputTarget(int(t)) for t in targets])
+               targets=[grad_cam.ClassifierOutputTarget(int(t)) for t in targets])
 
 
 # ------------------------------------------------------------------ the plain model

@@ -15,9 +15,16 @@ from jax.sharding import PartitionSpec as P
 
 import lclsc_jax.method as M
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-
 B, D, C, H = 16, 8, 5, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices():
+    """Fail (not skip) without 8 devices, as test_train_steps does: tests/conftest.py sets them."""
+    assert jax.device_count() >= 8, (
+        f"{jax.device_count()} devices: tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8 "
+        "before JAX starts; an XLA_FLAGS already in the environment overrides it"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,8 @@ def _lcl(z, labels, g):
 
 def _sc(maps, labels, maps_t, t, mask):
     loss = lambda a, at: M.saliency_consistency_loss(  # noqa: E731
-        a, labels, 0.1, 3, 2, -1.0, at, t, 1.0, mask)
+        a, labels, k_max=3 / 16, k_min=2 / 16, alpha=-1.0, tau=0.1, maps_transformed=at, transform=t,
+        w_eq=1.0, mask=mask)  # k: 3 and 2 of the H*H = 16 locations
     return jax.value_and_grad(loss, argnums=(0, 1))(maps, maps_t)
 
 

@@ -115,7 +115,11 @@ class _Parsed(Exception):
 
 
 def _all_optional(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``parser`` (and its subcommands' parsers) with no required argument or group, in place."""
+    """``parser`` (and its subcommands' parsers) with no required argument or group, in place.
+
+    Safe to mutate: every parse builds its parser afresh (``cli.build_parser()`` per call, a
+    script's parser per ``runpy`` run), so nothing shared changes.
+    """
     for action in parser._actions:  # noqa: SLF001 - argparse keeps its actions private
         action.required = False
         if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001

@@ -272,19 +272,21 @@ def classification_metrics(
     if never_pred:
         notes.append("classes never predicted (precision 0): " + ", ".join(names[k] for k in never_pred))
 
+    # scikit-learn's per-class values; zero_division=0 gives precision 0 for a never-predicted class
+    # (the policy above) and F1 0 when P + R = 0. Recall and F1 of an absent class are None (below).
+    prec_c, rec_c, f1_c, _ = skm.precision_recall_fscore_support(
+        y, pred, labels=np.arange(c), average=None, zero_division=0
+    )
     per_class: dict[str, Any] = {}
     for k in range(c):
-        rec = _safe_div(tp[k], support[k])
-        prec = _safe_div(tp[k], predicted[k])
-        prec = 0.0 if prec is None else prec
+        rec = None if support[k] == 0 else float(rec_c[k])
         spec = _safe_div(tn[k], tn[k] + fp[k])
-        f1 = None if rec is None else (0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
         per_class[names[k]] = {
-            "precision": prec,
+            "precision": float(prec_c[k]),
             "recall": rec,
             "sensitivity": rec,
             "specificity": spec,
-            "f1": f1,
+            "f1": None if rec is None else float(f1_c[k]),
             "auroc": binary_auroc(y == k, p[:, k]),
             "support": int(support[k]),
         }

@@ -19,7 +19,7 @@ ABLATION_GRIDS: dict[str, Any] = {
             "lcl_sc_no_tkmmp": {"loss.name": "lcl_sc", "loss.k_max": 1.0, "loss.alpha": 0.0},
         },
     },
-    # The full study of DESIGN.md (for a cluster): losses, pooling, EMA momentum, k, tau.
+    # The full study (for a cluster; docs/protocols.md, "Ablations"): losses, pooling, EMA momentum, k, tau.
     "full": [
         {"variants": {
             "ce": {"loss.name": "ce"},
