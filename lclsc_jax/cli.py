@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lclsc`` command; what a user can fix is one line on stderr, not a traceback.
 
     Exit codes: 2 refused (bad input, config or a workdir in use), 1 stopped (diverged, a disk
-    full or read-only), 130 Ctrl-C.
+    full or read-only), 130 Ctrl-C, 143 SIGTERM during training.
     """
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt as e:
         print(f"lclsc {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_code", 130))
     except (ValueError, FileNotFoundError) as e:  # a KeyError is a bug: it keeps its traceback
         print(f"lclsc {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -5,12 +5,14 @@ import errno
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 
 import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 
 from lclsc_jax import cli
 from lclsc_jax.train import checkpoint as checkpoint_lib
@@ -25,13 +27,23 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Runs of one config share a compiled train step (~20 s each on 2 loaded cores otherwise)."""
-    old = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    """Runs of one config share a compiled train step (~20 s each on 2 loaded cores otherwise).
+
+    JAX sets its persistent cache up once per process (and then sets the minimum entry size):
+    ``reset_cache`` on both sides, so this module gets its cache and later modules none.
+    """
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    compilation_cache_lib.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    try:
+        yield
+    finally:
+        compilation_cache_lib.reset_cache()
+        for k, v in old.items():
+            jax.config.update(k, v)
 
 
 def _args(cache, *sets):
@@ -51,7 +63,8 @@ def _main(*argv):
 
 
 def _one_line(err):
-    lines = [l for l in err.splitlines() if l.strip()]
+    """The one line a stopped command printed (the data cache's one-time build notice aside)."""
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith("[data] building")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -97,6 +110,22 @@ def test_a_failed_start_leaves_nothing_that_refuses_the_retry(tmp_path, cache, c
     assert not work.exists()  # no config.json (nor the lock's folder) is left to refuse another config
     assert cli.main(["train", "--workdir", str(work), *_args(cache, "seed=1")]) == 0
     assert json.loads((work / "config.json").read_text())["seed"] == 1
+
+
+def test_a_workdir_with_a_config_but_no_checkpoint_takes_the_config_given(tmp_path, cache, capsys):
+    # What a start that failed before this version (or stopped before its first save) leaves behind.
+    from lclsc_jax.train import config as C
+
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps(C.to_dict(C.load("tiny", ["model.arch=resnet18", "seed=5"]))))
+    assert _main("train", "--workdir", str(work), *_args(cache, "train.steps=4")) == 0
+    assert "no checkpoint" in capsys.readouterr().out
+    saved = json.loads((work / "config.json").read_text())
+    assert saved["model"]["arch"] == "tiny" and saved["seed"] == 0
+    # Once it has a checkpoint, another config is refused again.
+    assert _main("train", "--workdir", str(work), *_args(cache, "seed=2")) == 2
+    assert "different config" in _one_line(capsys.readouterr().err)
 
 
 def test_divergence_is_one_line_saying_what_is_on_disk_and_resumes_with_another_lr(
@@ -211,3 +240,29 @@ def test_late_write_callbacks_of_a_failed_save_print_nothing(capsys):
         sys.excepthook(*sys.exc_info())
     err = capsys.readouterr().err
     assert "Event loop is closed" not in err and "something else" in err
+
+
+def _sigterm_at(step):
+    """``MetricWriter.write`` that sends this process SIGTERM at ``step`` (as ``kill`` or a cluster would)."""
+    write = MetricWriter.write
+
+    def patched(self, s, *a, **kw):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write(self, s, *a, **kw)
+    return patched
+
+
+def test_sigterm_is_one_line_exit_143_and_the_run_resumes(tmp_path, cache, capsys, monkeypatch):
+    work = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(MetricWriter, "write", _sigterm_at(6))
+    assert _main("train", "--workdir", str(work), *_args(cache)) == 128 + signal.SIGTERM
+    line = _one_line(capsys.readouterr().err)
+    assert "terminated (SIGTERM) at step 6" in line and "step 4" in line
+    assert lock.holder(str(work)) is None
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the training's only
+    monkeypatch.undo()
+    assert cli.main(["train", "--workdir", str(work), "--no-progress"]) == 0
+    assert "from its checkpoint at step 4" in capsys.readouterr().out
+    assert _steps(work)[-1] == 8

@@ -6,7 +6,9 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any
+import signal
+import threading
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +41,32 @@ class TrainingDiverged(TrainingStopped):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; the message says from which step the workdir resumes."""
+    """Ctrl-C (or SIGTERM) during training; the message says from which step the workdir resumes."""
+
+    exit_code = 130  # 128 + SIGINT; ``lclsc`` exits with it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a cluster's preemption or time limit) during :func:`train`: stops like Ctrl-C."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_stops_cleanly() -> Iterator[None]:
+    """While training, SIGTERM raises :class:`Terminated` in the main thread (the handler before is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,11 +190,15 @@ def resolve_config(workdir: str, cfg: Config | None, overrides: dict[str, Any] |
     that started the run again (same ``cfg`` and overrides) or no ``cfg`` at all; either may
     change only :data:`RESUMABLE_KEYS` (e.g. a higher ``train.steps``, a lower ``train.lr``).
     Anything else (another data source, image size, model, loss, ...) is an error naming the
-    differing keys.
+    differing keys. A workdir with a config but no checkpoint has nothing to resume: a given
+    ``cfg`` replaces its config (with a notice).
     """
 
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and cfg is not None and not has_checkpoint(workdir):
+        log(f"{workdir} has a config but no checkpoint (a start that failed or stopped before its first "
+            "save): starting it afresh with the config given")
+    elif os.path.exists(path):
         with open(path) as f:
             saved = from_dict(json.load(f))
         _check_resumable(workdir, saved, cfg, overrides)
@@ -254,11 +285,11 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
     patient-wise split, e.g. for a cross-validation fold; ``dataset`` skips re-loading the data.
     ``stop_after`` ends the loop after that many steps of this call (tests of resumption).
     The workdir is locked for the call (:mod:`lclsc_jax.train.lock`); ``config.json`` is written
-    only once the data loaded and the state is built. Divergence, a failed write and Ctrl-C raise
-    :class:`TrainingDiverged`, :class:`TrainingStopped` and :class:`TrainingInterrupted`, whose
-    messages say what is on disk and how to resume.
+    only once the data loaded and the state is built. Divergence, a failed write and Ctrl-C (or
+    SIGTERM, e.g. a cluster's preemption) raise :class:`TrainingDiverged`, :class:`TrainingStopped`
+    and :class:`TrainingInterrupted`, whose messages say what is on disk and how to resume.
     """
-    with lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    with _sigterm_stops_cleanly(), lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         _refuse_repeated_divergence(workdir, cfg)
         ds, splits, split_info = _prepare_data(cfg, workdir, dataset, splits)
         run = _build(cfg, workdir, ds, splits, init_from, num_devices, stop_after)
@@ -396,7 +427,10 @@ def _explained(e: BaseException, run: _Run) -> BaseException:
     if isinstance(e, TrainingDiverged):
         return _diverged(e, run, on_disk)
     if isinstance(e, KeyboardInterrupt):
-        return TrainingInterrupted(f"interrupted at step {run.step}; {on_disk} (`lclsc train --workdir {workdir}`)")
+        stopped = TrainingInterrupted(f"{str(e) or 'interrupted'} at step {run.step}; {on_disk} "
+                                      f"(`lclsc train --workdir {workdir}`)")
+        stopped.exit_code = getattr(e, "exit_code", TrainingInterrupted.exit_code)
+        return stopped
     what = f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e)
     return TrainingStopped(f"could not write the run at step {run.step} ({what}); {on_disk}: free space or "
                            f"make {workdir} writable, then `lclsc train --workdir {workdir}` goes on")
