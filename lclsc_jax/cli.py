@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=64, help="images scored (default 64)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5], help="fixed thresholds besides Otsu")
     p.add_argument("--faithfulness", action="store_true", help="also deletion/insertion AUC (slower)")
+    p.add_argument("--no-fov", action="store_true",
+                   help="score maps over the whole frame, not only inside pCLE's circular field of view")
     p.add_argument("--out", help="output directory (default: WORKDIR/cam_benchmark)")
     _add_checkpoint(p)
 
@@ -465,7 +467,8 @@ def _benchmark_cams(args: argparse.Namespace) -> int:
 
     out = args.out or os.path.join(args.workdir, "cam_benchmark")
     rows = cam_benchmark.benchmark_cams(args.workdir, args.methods, args.stages, args.split, args.max_images,
-                                        args.thresholds, out, which=args.checkpoint, faithfulness=args.faithfulness)
+                                        args.thresholds, out, which=args.checkpoint, faithfulness=args.faithfulness,
+                                        fov=not args.no_fov)
     with open(os.path.join(out, "cam_benchmark.md")) as f:
         print(f.read())
     return 0 if rows and not all(r["error"] for r in rows) else 1

@@ -157,3 +157,22 @@ def test_benchmark_rejects_data_without_masks(tiny_run, monkeypatch):
     monkeypatch.setattr(loop, "load_dataset", no_masks)
     with pytest.raises(ValueError, match="no ground-truth masks"):
         cb.benchmark_cams(tiny_run, methods=["gradcam"], progress=False)
+
+
+def test_cli_no_fov_scores_the_whole_frame(tmp_path, monkeypatch):
+    from lclsc_jax import cli
+
+    seen = {}
+
+    def fake(workdir, *a, fov=True, **kw):
+        seen["fov"] = fov
+        os.makedirs(a[5], exist_ok=True)
+        with open(os.path.join(a[5], "cam_benchmark.md"), "w") as f:
+            f.write("table\n")
+        return [{"error": None}]
+
+    monkeypatch.setattr(cb, "benchmark_cams", fake)
+    out = str(tmp_path / "b")
+    assert cli.main(["benchmark-cams", "--workdir", str(tmp_path), "--out", out]) == 0 and seen["fov"] is True
+    assert cli.main(["benchmark-cams", "--workdir", str(tmp_path), "--out", out, "--no-fov"]) == 0
+    assert seen["fov"] is False

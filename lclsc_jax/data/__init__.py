@@ -22,8 +22,14 @@ if TYPE_CHECKING:
     from lclsc_jax.data.io import DataError, load_image_file, load_mask_file, read_manifest, scan_folder
     from lclsc_jax.data.pipeline import GlobalOrder, eval_batches, num_eval_batches, train_dataset, train_iterator
     from lclsc_jax.data.settings import EVIDENCE, AugmentConfig, SyntheticConfig
-    from lclsc_jax.data.splits import (check_disjoint, leave_one_patient_out, patient_kfold, patient_split,
-                                       split_report, splits_for)
+    from lclsc_jax.data.splits import (
+        check_disjoint,
+        leave_one_patient_out,
+        patient_kfold,
+        patient_split,
+        split_report,
+        splits_for,
+    )
     from lclsc_jax.data.synthetic import config_from_options as synthetic_config
     from lclsc_jax.data.synthetic import generate_arrays, generate_patient
     from lclsc_jax.data.viz import render_examples, render_panel

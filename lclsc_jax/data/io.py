@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -58,8 +59,6 @@ def _read_raw(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{p}: file does not exist")
     try:
         if p.lower().endswith((".tif", ".tiff")):
-            import tifffile
-
             arr = np.asarray(tifffile.imread(p))
         else:
             with Image.open(p) as im:

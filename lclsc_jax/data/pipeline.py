@@ -15,7 +15,9 @@ import sys
 from typing import Iterator
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from lclsc_jax.data.augment import augment_record, normalize_images
 from lclsc_jax.data.batching import pad_rows
@@ -29,8 +31,6 @@ _AUGMENT_SALT = 0xA06
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     """Default to jax.process_index()/process_count(); validate the pair."""
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -50,8 +50,6 @@ def _check_indices(ds: Dataset, indices) -> np.ndarray:
 
 def _ensure_absl_flags_parsed() -> None:
     """grain's worker processes read absl flags; outside ``app.run`` mark defaults as parsed."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

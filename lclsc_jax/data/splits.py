@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.model_selection import LeaveOneGroupOut
 
 from lclsc_jax.data.builders import Dataset
 
@@ -175,15 +176,11 @@ def patient_kfold(patients, k: int, seed: int = 0, labels=None) -> list[tuple[np
 def leave_one_patient_out(patients) -> list[tuple[np.ndarray, np.ndarray]]:
     """One (train_idx, test_idx) fold per patient (sorted by patient id)."""
     patients = np.asarray(patients).astype(str)
-    uniq = np.unique(patients)
-    if len(uniq) < 2:
+    if len(np.unique(patients)) < 2:
         raise ValueError("leave-one-patient-out needs at least 2 patients")
-    folds = []
-    for p in uniq:
-        test = np.flatnonzero(patients == p).astype(np.int64)
-        train = np.flatnonzero(patients != p).astype(np.int64)
-        folds.append((train, test))
-    return folds
+    # scikit-learn's LeaveOneGroupOut visits the groups in np.unique (sorted) order.
+    return [(tr.astype(np.int64), te.astype(np.int64))
+            for tr, te in LeaveOneGroupOut().split(patients, groups=patients)]
 
 
 def split_report(ds: Dataset, splits: dict[str, np.ndarray]) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from lclsc_jax import models
 from lclsc_jax.interop.torch_reference import require_torch
@@ -226,10 +226,6 @@ def read_state_dict(source: PathLike | Mapping[str, Any]) -> StateDict:
             raise FileNotFoundError(f"weights file not found: {path}")
         suffix = path.suffix.lower()
         if suffix == SAFETENSORS_SUFFIX:
-            try:
-                from safetensors.numpy import load_file
-            except ImportError as e:  # pragma: no cover - environment dependent
-                raise ImportError("reading .safetensors needs `pip install safetensors`") from e
             obj = load_file(str(path))
         elif suffix in TORCH_SUFFIXES:
             obj = _torch_load(path)
