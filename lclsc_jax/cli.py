@@ -288,7 +288,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.data:
         overrides["data.source"] = args.data
     if "data.source" in overrides:
-        overrides["data.source"] = _data_source(str(overrides["data.source"]))
+        overrides["data.source"] = _source(str(overrides["data.source"]))
     cfg = C.load(args.config) if args.config else None
     cfg = loop.resolve_config(args.workdir, cfg, overrides)
     summary = loop.train(cfg, args.workdir, init_from=args.init_from, progress=not args.no_progress)
@@ -296,14 +296,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_source(value: str) -> str:
-    """``--data`` as saved in a run's config: ``synthetic`` and URLs as given, a local path made absolute.
+def _source(value: str) -> str:
+    """``--data`` as saved in a run's config (``data.source_path``; imports no JAX)."""
+    from lclsc_jax.data.io import source_path
 
-    An absolute path keeps the run usable (evaluate, resume, cv) from any working directory.
-    """
-    if value == "synthetic" or "://" in value:
-        return value
-    return os.path.abspath(os.path.expanduser(value))
+    return source_path(value)
 
 
 def _output_names(paths: Sequence[str]) -> list[str]:
@@ -327,7 +324,7 @@ def _output_names(paths: Sequence[str]) -> list[str]:
 def _evaluate(args: argparse.Namespace) -> int:
     from lclsc_jax.protocols import runs
 
-    m = runs.evaluate_run(args.workdir, _data_source(args.data) if args.data else None, args.split,
+    m = runs.evaluate_run(args.workdir, _source(args.data) if args.data else None, args.split,
                                args.checkpoint, args.out)
     print(format_metrics(m))
     print(f"written: {os.path.join(args.out or os.path.join(args.workdir, 'eval'), 'metrics.json')}")
@@ -452,7 +449,7 @@ def _cv(args: argparse.Namespace) -> int:
     if args.data:
         overrides["data.source"] = args.data
     if "data.source" in overrides:
-        overrides["data.source"] = _data_source(str(overrides["data.source"]))
+        overrides["data.source"] = _source(str(overrides["data.source"]))
     cfg = C.load(args.config, overrides)
     summary = cv.cross_validate(cfg, args.workdir, folds=None if args.lopo else args.folds, lopo=args.lopo,
                                        nested=args.nested, seed=args.seed, progress=not args.no_progress,

@@ -179,6 +179,16 @@ def test_lclsc_ablate_plans_the_same_runs_and_calls_itself(tmp_path, capsys):
     assert f"srun lclsc ablate --out {os.path.abspath(out)} --run-index" in open(os.path.join(out, "ablation.slurm")).read()
 
 
+def test_a_relative_data_path_is_planned_absolute(tmp_path, monkeypatch):
+    from lclsc_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "frames.csv").write_text("path,label,patient\n")
+    assert cli.main(["ablate", "--out", "abl", "--preset", "quick", "--slurm", "--seeds", "0",
+                     "--set", "data.source=frames.csv"]) == 0
+    assert P.load_plan("abl")["base_overrides"]["data.source"] == str(tmp_path / "frames.csv")
+
+
 @pytest.mark.slow
 def test_one_real_run_in_a_child_process_then_resume_skips_it(tmp_path):
     out = str(tmp_path / "abl")

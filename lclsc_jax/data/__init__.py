@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from lclsc_jax.data.batching import array_batches, pad_rows
     from lclsc_jax.data.builders import Dataset, LclscUserImages, RecordSource, SyntheticPcle, default_cache_dir, load
     from lclsc_jax.data.export import export_synthetic
-    from lclsc_jax.data.io import DataError, load_image_file, load_mask_file, read_manifest, scan_folder
+    from lclsc_jax.data.io import (DataError, load_image_file, load_mask_file, read_manifest, scan_folder,
+                                   source_path)
     from lclsc_jax.data.pipeline import GlobalOrder, eval_batches, num_eval_batches, train_dataset, train_iterator
     from lclsc_jax.data.settings import EVIDENCE, AugmentConfig, SyntheticConfig
     from lclsc_jax.data.splits import (
@@ -41,6 +42,7 @@ _WHERE = {
     "default_cache_dir": "builders", "load": "builders",
     "export_synthetic": "export",
     "DataError": "io", "load_image_file": "io", "load_mask_file": "io", "read_manifest": "io", "scan_folder": "io",
+    "source_path": "io",
     "GlobalOrder": "pipeline", "eval_batches": "pipeline", "num_eval_batches": "pipeline",
     "train_dataset": "pipeline", "train_iterator": "pipeline",
     "EVIDENCE": "settings", "AugmentConfig": "settings", "SyntheticConfig": "settings",

@@ -240,6 +240,17 @@ def _check_one_label(first_row: dict[str, tuple[str, str]], patient: str, label:
                         "(give them different patient ids if they are different patients)")
 
 
+def source_path(value: str) -> str:
+    """A data source as a run's config saves it: ``synthetic`` and URLs as given, a local path made absolute.
+
+    An absolute path keeps the run usable (evaluate, resume, cv, an ablation's child runs) from
+    any working directory.
+    """
+    if value == "synthetic" or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
 def read_manifest(
     csv_path: str | os.PathLike, class_names: tuple[str, ...] | None = None
 ) -> tuple[tuple[str, ...], list[RecordSpec]]:

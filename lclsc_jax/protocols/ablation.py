@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lclsc_jax import data
 from lclsc_jax.evaluate.metrics import aggregate_folds
 from lclsc_jax.protocols import cam_benchmark
 from lclsc_jax.protocols.cross_validation import cross_validate, fold_name, format_ci, scalars
@@ -498,7 +499,10 @@ def ablation_command(args: argparse.Namespace) -> int:
     first = _subgrids(grid)[0]
     seeds = args.seeds or first.get("seeds", [0])
     base = args.config or first.get("base_config", "demo")
-    common = dict(base_overrides=C.parse_overrides(args.set), folds=args.folds,
+    base_overrides = C.parse_overrides(args.set)
+    if "data.source" in base_overrides:  # the child runs may start in another working directory
+        base_overrides["data.source"] = data.source_path(base_overrides["data.source"])
+    common = dict(base_overrides=base_overrides, folds=args.folds,
                   saliency_images=args.saliency_images, faithfulness=not args.no_faithfulness)
     if args.slurm:
         runs = expand_grid(grid, seeds)
