@@ -350,3 +350,69 @@ def test_patch_conv_equals_lax_conv_and_its_gradients(shape, kernel, stride, pad
     g_ours = jax.grad(lambda a, b: jnp.sum(ours(a, b) * ct), argnums=(0, 1))(x, w)
     for a, b in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def numpy_padded_conv(x: np.ndarray, k: np.ndarray, stride: int, np_mode: str) -> np.ndarray:
+    """NumPy reference: ``np.pad(x, kernel // 2, mode)`` then a direct VALID convolution (float64)."""
+    kh = k.shape[0]
+    p = kh // 2
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (p, p), (p, p), (0, 0)), mode=np_mode)
+    ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kh) // stride + 1
+    out = np.zeros((x.shape[0], ho, wo, k.shape[-1]))
+    for dy in range(kh):
+        for dx in range(kh):
+            out += xp[:, dy : dy + stride * (ho - 1) + 1 : stride, dx : dx + stride * (wo - 1) + 1 : stride] @ k[dy, dx]
+    return out
+
+
+@pytest.mark.parametrize("mode,np_mode", [("reflect", "reflect"), ("replicate", "edge"), ("circular", "wrap")])
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 9, 7, 3), 3, 1), ((2, 10, 9, 3), 3, 2), ((1, 11, 12, 2), 7, 2),
+                                                 ((2, 2, 2, 4), 3, 1)])  # the last: map smaller than the kernel
+def test_conv_padding_modes_match_numpy_pad_reference(mode, np_mode, shape, kernel, stride):
+    """layers.conv(padding=mode) == np.pad(mode) + VALID conv, values and input gradients (torch padding_mode)."""
+    from lclsc_jax.models.layers import conv
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal(shape, np.float32))
+    layer = conv(5, kernel, stride, padding=mode)
+    variables = layer.init(jax.random.key(0), x)
+    k = np.asarray(variables["params"]["kernel"], np.float64)
+    out = jax.jit(layer.apply)(variables, x)
+    np.testing.assert_allclose(out, numpy_padded_conv(np.asarray(x), k, stride, np_mode), rtol=1e-4, atol=1e-4)
+    # jnp.pad + lax VALID conv: the same function, so the same input gradients.
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    p = kernel // 2
+
+    def ref(x_):
+        xp = jnp.pad(x_, ((0, 0), (p, p), (p, p), (0, 0)), mode=np_mode)
+        return jax.lax.conv_general_dilated(xp, jnp.asarray(k, jnp.float32), (stride, stride), "VALID",
+                                            dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+
+    ct = jnp.asarray(rng.standard_normal(out.shape, np.float32))
+    g_ours = jax.grad(lambda a: jnp.sum(layer.apply(variables, a) * ct))(x)
+    g_ref = jax.grad(lambda a: jnp.sum(ref(a) * ct))(x)
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_model_padding_option():
+    """padding= keeps the variables, changes only the border, defaults to zeros; bad modes are refused."""
+    zeros = models.create("tiny", num_classes=2, in_channels=1)
+    reflect = models.create("tiny", num_classes=2, in_channels=1, padding="reflect")
+    assert zeros.padding == "zeros" and set(models.PADDING_MODES) == {"zeros", "reflect", "replicate", "circular"}
+    x = jax.random.normal(jax.random.key(8), (2, 16, 16, 1))
+    variables, out_z = init_and_apply(zeros, x)
+    out_r = jax.jit(lambda v, im: reflect.apply(v, im, train=False))(variables, x)
+    # stem = ReLU(BN(conv(x))) with fresh BN statistics (mean 0, var 1, scale 1, bias 0).
+    k = np.asarray(variables["params"]["stem_conv"]["kernel"], np.float64)
+    stem = np.maximum(numpy_padded_conv(np.asarray(x), k, 1, "reflect") / np.sqrt(1 + 1e-5), 0.0)
+    np.testing.assert_allclose(out_r["features"]["stem"], stem, rtol=1e-4, atol=1e-5)
+    inner = (slice(None), slice(1, -1), slice(1, -1))  # away from the border the modes agree
+    np.testing.assert_allclose(out_r["features"]["stem"][inner], out_z["features"]["stem"][inner], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out_r["features"]["stem"], out_z["features"]["stem"])
+    r18 = models.create("resnet18", num_classes=2, padding="reflect")
+    shapes = jax.eval_shape(lambda: r18.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    ref = jax.eval_shape(lambda: models.create("resnet18", num_classes=2).init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(ref)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        models.create("tiny", 2, padding="mirror")

@@ -4,8 +4,10 @@
 >>> variables = model.init(rng, images, train=False)
 >>> out = model.apply(variables, images, train=False)   # features, pooled, embedding, ...
 >>> check_variables(model, variables)   # external variables: one error naming every mismatch
+>>> create("tiny", 3, padding="reflect")   # convs pad by reflection instead of zeros (PADDING_MODES)
 """
 
+from lclsc_jax.models.layers import PADDING_MODES
 from lclsc_jax.models.model import (
     ARCH_SPECS,
     ARCHS,
@@ -29,6 +31,7 @@ __all__ = [
     "ARCHS",
     "ARCH_SPECS",
     "HEADS",
+    "PADDING_MODES",
     "ArchSpec",
     "Model",
     "VariablesMismatchError",

@@ -21,6 +21,7 @@ class BasicBlock(nn.Module):
     downsample: bool = False
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    padding: str = "zeros"  # conv padding mode (layers.PADDING_MODES)
 
     expansion = 1
 
@@ -28,14 +29,15 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         ra = not train
         identity = x
-        y = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.planes, 3, self.stride, dtype=self.dtype, padding=self.padding, name="conv1")(x)
         y = nn.relu(batch_norm(dtype=self.dtype, name="bn1")(y, use_running_average=ra))
-        y = conv(self.planes, 3, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.planes, 3, dtype=self.dtype, padding=self.padding, name="conv2")(y)
         y = batch_norm(dtype=self.dtype, zero_init=self.zero_init_residual, name="bn2")(
             y, use_running_average=ra
         )
         if self.downsample:
-            identity = conv(self.planes, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+            identity = conv(self.planes, 1, self.stride, dtype=self.dtype, padding=self.padding,
+                            name="downsample_conv")(x)
             identity = batch_norm(dtype=self.dtype, name="downsample_bn")(
                 identity, use_running_average=ra
             )
@@ -50,6 +52,7 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    padding: str = "zeros"  # conv padding mode (layers.PADDING_MODES)
 
     expansion = 4
 
@@ -58,16 +61,17 @@ class Bottleneck(nn.Module):
         ra = not train
         out_ch = self.planes * self.expansion
         identity = x
-        y = conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
+        y = conv(self.planes, 1, dtype=self.dtype, padding=self.padding, name="conv1")(x)
         y = nn.relu(batch_norm(dtype=self.dtype, name="bn1")(y, use_running_average=ra))
-        y = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.planes, 3, self.stride, dtype=self.dtype, padding=self.padding, name="conv2")(y)
         y = nn.relu(batch_norm(dtype=self.dtype, name="bn2")(y, use_running_average=ra))
-        y = conv(out_ch, 1, dtype=self.dtype, name="conv3")(y)
+        y = conv(out_ch, 1, dtype=self.dtype, padding=self.padding, name="conv3")(y)
         y = batch_norm(dtype=self.dtype, zero_init=self.zero_init_residual, name="bn3")(
             y, use_running_average=ra
         )
         if self.downsample:
-            identity = conv(out_ch, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
+            identity = conv(out_ch, 1, self.stride, dtype=self.dtype, padding=self.padding,
+                            name="downsample_conv")(x)
             identity = batch_norm(dtype=self.dtype, name="downsample_bn")(
                 identity, use_running_average=ra
             )

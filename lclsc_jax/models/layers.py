@@ -1,7 +1,9 @@
 """Building blocks shared by the backbones: PyTorch-faithful conv / batch-norm / pooling.
 
 Every convolution uses explicit symmetric padding (as ``torch.nn.Conv2d(padding=p)``), never
-``'SAME'``, so output sizes and values match PyTorch for odd input sizes as well.
+``'SAME'``, so output sizes and values match PyTorch for odd input sizes as well. The padded values
+follow ``torch.nn.Conv2d(padding_mode=...)``: zeros (the default), or reflected, replicated or
+wrapped-around input pixels (:data:`PADDING_MODES`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ Dtype = Any
 
 # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), untruncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+#: ``torch.nn.Conv2d`` ``padding_mode`` -> ``jnp.pad`` mode.
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 BN_MOMENTUM = 0.9  # Flax convention: running = m * running + (1 - m) * batch (= torch momentum 0.1)
 BN_EPSILON = 1e-5
@@ -66,15 +71,42 @@ def patch_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any
     return jnp.dot(patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
 
 
+def check_padding(padding: str) -> str:
+    """``padding`` if it is one of :data:`PADDING_MODES`, else a ``ValueError`` naming them."""
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {tuple(PADDING_MODES)}, got {padding!r}")
+    return padding
+
+
+def _mode_padded_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any, *args: Any,
+                      pad_mode: str, dimension_numbers: Any = None, **kwargs: Any) -> jax.Array:
+    """:func:`patch_conv` whose explicit ``padding`` is filled by ``jnp.pad(mode=pad_mode)`` instead of zeros."""
+    if isinstance(padding, str) or dimension_numbers is None or not _is_channels_last(dimension_numbers, lhs.ndim):
+        raise ValueError("a padding mode other than zeros needs explicit padding and channels-last convolutions")
+    x = jnp.pad(lhs, ((0, 0), *[tuple(p) for p in padding], (0, 0)), mode=pad_mode)
+    return patch_conv(x, rhs, window_strides, [(0, 0)] * len(padding), *args,
+                      dimension_numbers=dimension_numbers, **kwargs)
+
+
+_PADDED_CONVS = {mode: (patch_conv if mode == "zeros" else functools.partial(_mode_padded_conv, pad_mode=np_mode))
+                 for mode, np_mode in PADDING_MODES.items()}
+
+
 def conv(
     features: int,
     kernel: int,
     stride: int = 1,
     *,
     dtype: Dtype = jnp.float32,
+    padding: str = "zeros",
     name: str | None = None,
 ) -> nn.Conv:
-    """A bias-free ``kernel x kernel`` conv with PyTorch padding ``kernel // 2``; NHWC in, NHWC out."""
+    """A bias-free ``kernel x kernel`` conv with PyTorch padding ``kernel // 2``; NHWC in, NHWC out.
+
+    ``padding``: what the padded border holds, as torch's ``padding_mode`` (:data:`PADDING_MODES`):
+    ``"zeros"``, ``"reflect"`` (``jnp.pad(mode="reflect")``, the edge pixel not repeated),
+    ``"replicate"`` or ``"circular"``. The variables are the same whatever the mode.
+    """
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -85,7 +117,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=conv_kernel_init,
-        conv_general_dilated=patch_conv,
+        conv_general_dilated=_PADDED_CONVS[check_padding(padding)],
         name=name,
     )
 
@@ -116,20 +148,25 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 
 class ProjectionHead(nn.Module):
-    """MLP ``Dense(hidden) - ReLU - Dense(D)`` on the last axis: (..., c) -> (..., D) float32.
+    """MLP ``Dense(hidden) - ReLU - Dense(D)`` (``layers=2``) or ``Dense(D)`` (``layers=1``) on the last axis.
 
-    No normalisation layer, so applying it per location of a (B, h, w, c) map is exactly the
-    pooled computation per pixel (a 1x1 convolution). torch naming: ``head.0`` / ``head.2``.
+    ``(..., c) -> (..., D)`` float32. No normalisation layer, so applying it per location of a
+    (B, h, w, c) map is exactly the pooled computation per pixel (a 1x1 convolution); with one
+    (linear) layer it also commutes with average pooling. torch naming: ``head.0`` / ``head.2``.
     """
 
     hidden_dim: int
     embed_dim: int
     dtype: Dtype = jnp.float32
+    layers: int = 2
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.layers not in (1, 2):
+            raise ValueError(f"a projection head has 1 or 2 layers, got {self.layers}")
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
-        x = dense(self.hidden_dim, name="hidden")(x)
-        x = nn.relu(x)
+        if self.layers == 2:
+            x = dense(self.hidden_dim, name="hidden")(x)
+            x = nn.relu(x)
         x = dense(self.embed_dim, name="proj")(x)
         return x.astype(jnp.float32)

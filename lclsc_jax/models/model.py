@@ -20,6 +20,7 @@ from lclsc_jax.models.blocks import BasicBlock, Bottleneck
 from lclsc_jax.models.layers import (
     ProjectionHead,
     batch_norm,
+    check_padding,
     conv,
     global_avg_pool,
     max_pool_3x3_s2,
@@ -99,6 +100,8 @@ class Model(nn.Module):
     remat: bool = False
     zero_init_residual: bool = False
     projection: bool = True  # False: no projection head, embedding = pooled features
+    projection_layers: int = 2  # 2: MLP head; 1: linear head (commutes with pooling: decomposable SC maps)
+    padding: str = "zeros"  # what every conv's padded border holds: zeros | reflect | replicate | circular
 
     # ---- static properties (usable on an unbound module) ----
     @property
@@ -137,7 +140,7 @@ class Model(nn.Module):
         if self.head_type not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head_type!r}")
         if spec.kind == "resnet":
-            self.conv1 = conv(64, 7, 2, dtype=self.dtype)
+            self.conv1 = conv(64, 7, 2, dtype=self.dtype, padding=self.padding)
             self.bn1 = batch_norm(dtype=self.dtype)
             block_cls = Bottleneck if spec.bottleneck else BasicBlock
             if self.remat:
@@ -154,16 +157,17 @@ class Model(nn.Module):
                         downsample=(j == 0 and (stride != 1 or inplanes != out_ch)),
                         zero_init_residual=self.zero_init_residual,
                         dtype=self.dtype,
+                        padding=self.padding,
                     )
                     setattr(self, f"layer{i + 1}_{j}", block)
                     inplanes = out_ch
         else:
             for name, ch, s in zip(spec.stage_names, spec.stage_channels, _TINY_CONV_STRIDES):
-                setattr(self, f"{name}_conv", conv(ch, 3, s, dtype=self.dtype))
+                setattr(self, f"{name}_conv", conv(ch, 3, s, dtype=self.dtype, padding=self.padding))
                 setattr(self, f"{name}_bn", batch_norm(dtype=self.dtype))
         if self.projection:
             hidden = self.head_hidden or spec.stage_channels[-1]
-            self.head = ProjectionHead(hidden, self.embed_dim, dtype=self.dtype)
+            self.head = ProjectionHead(hidden, self.embed_dim, dtype=self.dtype, layers=self.projection_layers)
         if self.head_type == "linear":
             self.fc = nn.Dense(
                 self.num_classes,
@@ -248,19 +252,24 @@ def create(
     projection: bool = True,
     **kwargs: Any,
 ) -> Model:
-    """Build a :class:`Model`; kwargs: ``head_hidden``, ``remat``, ``zero_init_residual``.
+    """Build a :class:`Model`; kwargs: ``head_hidden``, ``remat``, ``zero_init_residual``, ``padding``,
+    ``projection_layers`` (2: MLP projection head, 1: linear).
 
     ``projection=False`` builds a model without the projection head (variables have no
     ``head``; ``embedding`` = ``pooled`` (B, c)): with ``head="linear"`` a plain
     torchvision/timm-style classifier. ``embed_dim`` / ``head_hidden`` are then unused.
+    ``padding`` (default ``"zeros"``): what the convolutions' padded border holds, as torch's
+    ``Conv2d(padding_mode=...)``: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``;
+    same variables whatever the mode (ResNets' max pool keeps its -inf padding).
     """
     arch_spec(arch)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    allowed = {"head_hidden", "remat", "zero_init_residual"}
+    allowed = {"head_hidden", "remat", "zero_init_residual", "padding", "projection_layers"}
     unknown = set(kwargs) - allowed
     if unknown:
         raise TypeError(f"models.create got unknown kwargs {sorted(unknown)}; allowed: {sorted(allowed)}")
+    check_padding(kwargs.get("padding", "zeros"))
     if num_classes < 1 or embed_dim < 1 or in_channels < 1:
         raise ValueError(
             f"num_classes, embed_dim, in_channels must be >= 1, got {num_classes}, {embed_dim}, {in_channels}"
