@@ -180,7 +180,7 @@ def test_resuming_accepts_the_starting_command_with_more_steps_and_refuses_other
     from lclsc_jax.train import loop
 
     work = tmp_path / "run"
-    work.mkdir()
+    (work / "checkpoints" / "10").mkdir(parents=True)  # a run with a saved step: something to resume
     started = {"data.source": str(tmp_path / "manifest.csv"), "data.image_size": 48, "train.steps": 10}
     (work / "config.json").write_text(json.dumps(C.to_dict(C.load("tiny", started))))
     again = loop.resolve_config(str(work), C.load("tiny"), {**started, "train.steps": 20})  # the same command

@@ -373,3 +373,42 @@ def test_sc_rejects_bad_input():
                                     transform=lambda m: m)
     with pytest.raises(AssertionError):
         M.tk_mmp(jnp.zeros((3, 3, 2)), 0.1, 0.1, -1.0)
+
+
+# ---------------------------------------------------------------- the decision-tied variants
+def test_decomposed_maps_average_to_the_gei_cosine_under_a_linear_head():
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(2, 3, 4, 5))  # backbone features F(u), (B, h, w, c)
+    w, b = rng.normal(size=(5, 6)), rng.normal(size=6)  # a linear projection head
+    g = rng.normal(size=(3, 6))
+    local_z = feats @ w + b
+    z = feats.mean(axis=(1, 2)) @ w + b  # the head on the pooled features
+    maps = np.asarray(M.decomposed_saliency_maps(jnp.asarray(local_z, jnp.float32), jnp.asarray(z, jnp.float32),
+                                                 jnp.asarray(g, jnp.float32)))
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    want = np.einsum("bhwd,cd->bhwc", local_z, gn) / np.linalg.norm(z, axis=1)[:, None, None, None]
+    np.testing.assert_allclose(maps, want, rtol=1e-5, atol=1e-6)
+    cos = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ gn.T
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)), cos, rtol=1e-5, atol=1e-6)
+    # TK-MMP with every location and no bottom term is the plain mean: SC logits == GEI logits.
+    np.testing.assert_allclose(np.asarray(M.sc_logits(jnp.asarray(maps), 1.0, 1.0, 0.0, 0.1)), cos / 0.1,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_prediction_consistency_is_kl_from_the_gei_decision():
+    rng = np.random.default_rng(4)
+    sc, gei = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+
+    def softmax(v):
+        e = np.exp(v - v.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    p, q = softmax(gei), softmax(sc)
+    want = np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))
+    f = jax.jit(M.prediction_consistency_loss)
+    np.testing.assert_allclose(float(f(jnp.asarray(sc), jnp.asarray(gei))), want, rtol=1e-5)
+    assert abs(float(f(jnp.asarray(gei), jnp.asarray(gei)))) < 1e-6
+    g_sc, g_gei = jax.grad(lambda a, b: M.prediction_consistency_loss(a, b), argnums=(0, 1))(
+        jnp.asarray(sc, jnp.float32), jnp.asarray(gei, jnp.float32))
+    assert np.all(np.asarray(g_gei) == 0)  # the decision is the teacher
+    np.testing.assert_allclose(np.asarray(g_sc), (q - p) / len(sc), rtol=1e-4, atol=1e-6)

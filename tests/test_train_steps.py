@@ -114,3 +114,20 @@ def test_bf16_compute_trains():
     s, m, _ = _run(cfg, 2, _batches(2, seed=6))
     assert all(np.isfinite(x["loss"]) and x["nonfinite"] == 0 for x in m)
     assert all(l.dtype == np.float32 for l in jax.tree_util.tree_leaves(s.params))
+
+
+def test_decision_tied_sc_variants_train_and_their_maps_decompose_the_decision():
+    cfg = C.load("tiny", ["loss.sc_maps=decomposed", "model.projection_layers=1", "loss.w_consistency=1.0"])
+    s, m, model = _run(cfg, 1, _batches(3, seed=8))
+    assert all(np.isfinite(x["loss"]) and x["nonfinite"] == 0 for x in m)
+    assert all(x["loss_consistency"] >= 0 for x in m) and m[-1]["loss_consistency"] > 0
+    # The linear head commutes with pooling: the maps' spatial mean is the GEI cosine (NumPy).
+    x = _batches(1, seed=9)[0]["image"]
+    out = jax.device_get(model.apply(s.variables, jnp.asarray(x), train=False))
+    maps = np.asarray(S.sc_maps(cfg, out, s.global_emb))
+    z, g = np.asarray(out["embedding"], np.float64), np.asarray(s.global_emb, np.float64)
+    cos = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(maps.mean(axis=(1, 2)), cos, rtol=1e-4, atol=1e-5)
+    # The paper's MLP head does not commute with pooling, which is why the variant needs a linear one.
+    with pytest.raises(C.ConfigError, match="projection_layers=1"):
+        C.load("tiny", ["loss.sc_maps=decomposed"])

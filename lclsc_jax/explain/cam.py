@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lclsc_jax.explain import core, registry
 from lclsc_jax.explain.core import Explainer
-from lclsc_jax.method import class_saliency_maps
+from lclsc_jax.method import class_saliency_maps, decomposed_saliency_maps
 
 GRADIENT_CAMS = registry.GRADIENT_CAMS
 CamWeights = Callable[[jax.Array, jax.Array], jax.Array]  # (acts, grads) (B, *s, c) -> weights
@@ -261,12 +261,22 @@ def require_projection(model: Any) -> None:
         )
 
 
-def sc_map(ex: Explainer, x: jax.Array, targets: jax.Array | None) -> jax.Array:
-    """LCL-SC saliency map of the target class: ``cos(g(F_l), G_c)`` per location, ``(B, h, w)``."""
+def sc_map(ex: Explainer, x: jax.Array, targets: jax.Array | None, maps: str = "cosine") -> jax.Array:
+    """LCL-SC saliency map of the target class per location of the last stage, ``(B, h, w)``.
+
+    ``maps="cosine"``: ``cos(g(F_l), G_c)`` (the paper's); ``"decomposed"``: the maps whose mean
+    is the GEI cosine (``method.decomposed_saliency_maps``), for runs trained with
+    ``loss.sc_maps=decomposed``.
+    """
+    if maps not in ("cosine", "decomposed"):
+        raise ValueError(f"sc maps must be 'cosine' or 'decomposed', got {maps!r}")
     require_projection(ex.model)
     if ex.scorer.global_emb is None:
         raise ValueError("the SC maps need the global class embeddings: pass global_emb=(C, D)")
     out = ex.forward(x)
     tgt = ex.targets(out, targets, x.shape[0])
-    maps = class_saliency_maps(out["local_embedding"], ex.scorer.global_emb)  # (B, h, w, C)
-    return core.select(maps, tgt)
+    if maps == "decomposed":
+        per_class = decomposed_saliency_maps(out["local_embedding"], out["embedding"], ex.scorer.global_emb)
+    else:
+        per_class = class_saliency_maps(out["local_embedding"], ex.scorer.global_emb)  # (B, h, w, C)
+    return core.select(per_class, tgt)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -91,6 +91,7 @@ def write_explanations(
     display: np.ndarray | None = None,
     progress: bool = True,
     fov: bool = True,
+    method_options: Mapping[str, Mapping[str, Any]] | None = None,
     **options: Any,
 ) -> list[str]:
     """Write per image ``<stem>_<method>.npy`` (the (H, W) map) and ``<stem>_<method>.png`` overlay.
@@ -105,7 +106,9 @@ def write_explanations(
     (``models.check_variables``). ``progress``: with several methods, one line per method on
     stderr. ``fov``: for frames with a circular field of view (dark corners), the maps written and
     shown are restricted to it (0 outside, rescaled inside; a pCLE frame has no tissue there) and
-    the figures say so; ``False`` keeps the raw maps. Returns the written paths.
+    the figures say so; ``False`` keeps the raw maps. ``method_options``: per method name, options
+    of its own (e.g. ``{"sc": {"maps": "decomposed"}}``, a run's ``saliency_options``), also with
+    ``method="all"``; ``options`` go to the single ``method``. Returns the written paths.
     """
     if method != "all" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected 'all' or one of {METHODS}")
@@ -145,6 +148,7 @@ def write_explanations(
                 t = None if tgt is None else tgt[i:i + batch_size]
                 chunks.append(np.asarray(saliency(m, model, variables, x[i:i + batch_size], t, st,
                                                   global_emb=global_emb, tau=tau, score=score,
+                                                  **dict((method_options or {}).get(m, {})),
                                                   **(options if method != "all" else {}))))
             maps[m] = restrict_to_fov(np.concatenate(chunks), valid)
         except ValueError as e:

@@ -68,7 +68,7 @@ def _gradient_cam(name: str, weights: str, summary: str, formula: str, reference
 REGISTRY: tuple[MethodSpec, ...] = (
     MethodSpec("sc", "cam.sc_map", "last_stage", "LCL-SC saliency maps: cosine of each location's projection to the class embedding",
                "`cos(g(F_l), G_c)` per location of the last stage (`g` = projection head per location)",
-               "1 forward", needs_projection=True),
+               "1 forward", needs_projection=True, options={"maps": "cosine"}),
     _gradient_cam("gradcam", "gradcam_weights", "Grad-CAM: activations weighted by the spatial mean of their gradients",
                   "`sum_k mean_s(g_k) A_k`", "GradCAM"),
     _gradient_cam("hirescam", "hirescam_weights", "HiResCAM: activations times their gradients, element-wise",

@@ -19,7 +19,15 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from lclsc_jax.method.common import check_labels, check_positive, compute_dtype, cosine_similarity
+from lclsc_jax.method.common import (
+    PRECISION,
+    check_labels,
+    check_positive,
+    compute_dtype,
+    cosine_similarity,
+    inv_norm,
+    normalize,
+)
 from lclsc_jax.method.losses import cross_entropy_loss
 from lclsc_jax.method.transforms import NUM_DIHEDRAL, dihedral
 
@@ -33,6 +41,37 @@ def class_saliency_maps(local_z: jax.Array, global_emb: jax.Array) -> jax.Array:
     """
     chex.assert_rank([local_z, global_emb], [4, 2])
     return cosine_similarity(local_z, jax.lax.stop_gradient(global_emb))
+
+
+def decomposed_saliency_maps(local_z: jax.Array, z: jax.Array, global_emb: jax.Array) -> jax.Array:
+    """Maps whose spatial mean *is* the GEI cosine: ``<local_z(u), G_c / |G_c|> / |z|``, ``(B, h, w, C)`` f32.
+
+    ``local_z (B, h, w, D)`` is the projection applied per location, ``z (B, D)`` the embedding
+    of the pooled features. With a linear projection head (``model.projection_layers=1``) and
+    global average pooling, ``z = mean_u local_z(u)``, so ``mean_u maps_c(u) = cos(z, G_c)``
+    exactly: the map decomposes the classifier's decision instead of explaining an auxiliary
+    branch (:func:`class_saliency_maps`). ``G`` is a constant (stop-gradient).
+    """
+    chex.assert_rank([local_z, z, global_emb], [4, 2, 2])
+    g = normalize(jax.lax.stop_gradient(global_emb))
+    ct = compute_dtype(local_z, z)
+    dots = jnp.einsum("bhwd,cd->bhwc", local_z.astype(ct), g.astype(ct), precision=PRECISION)
+    return dots * inv_norm(z.astype(ct), -1, 1e-6)[:, None, None, :]
+
+
+def prediction_consistency_loss(sc_logits: jax.Array, gei_logits: jax.Array) -> jax.Array:
+    """Mean ``KL(softmax(sg(gei_logits)) || softmax(sc_logits))`` over the batch: ``(B, C), (B, C)`` -> f32.
+
+    Ties the saliency branch's pooled prediction to the GEI decision (the decision is the
+    teacher: no gradient flows into it from this term), so a map that scores a class high is a
+    map of what the classifier decides.
+    """
+    chex.assert_rank([sc_logits, gei_logits], 2)
+    chex.assert_equal_shape([sc_logits, gei_logits])
+    ct = compute_dtype(sc_logits, gei_logits)
+    target = jax.nn.log_softmax(jax.lax.stop_gradient(gei_logits).astype(ct), axis=-1)
+    pred = jax.nn.log_softmax(sc_logits.astype(ct), axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(target) * (target - pred), axis=-1))
 
 
 def resolve_k(k: float, n: int, name: str = "k") -> int:

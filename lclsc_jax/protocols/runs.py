@@ -42,6 +42,10 @@ class TrainedRun:
         """The EMA class embeddings ``(C, D)``, or None for a linear-head (``ce``) run."""
         return self.state.global_emb if uses_gei(self.cfg) else None
 
+    def saliency_options(self, method: str) -> dict[str, Any]:
+        """Options of ``explain.saliency(method, ...)`` that make the maps the run's own (``sc``: ``loss.sc_maps``)."""
+        return {"maps": self.cfg.loss.sc_maps} if method == "sc" else {}
+
 
 def load_run(workdir: str, which: str = "best", num_devices: int | None = None) -> TrainedRun:
     """Restore the ``best`` (by validation metric), ``latest`` or a numbered checkpoint of a run."""

@@ -30,6 +30,7 @@ class ModelConfig:
     embed_dim: int = 128
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     remat: bool = False
+    projection_layers: int = 2  # 2: MLP projection head (the paper's); 1: linear (loss.sc_maps=decomposed needs it)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class LossConfig:
     ema_momentum: float = 0.99
     label_smoothing: float = 0.0
     fov_mask: bool = True  # keep pCLE's black corners out of TK-MMP and the equivariance term
+    # The SC variants of docs/method.md, "Tying the maps to the decision" (both off: the paper's SC module).
+    w_consistency: float = 0.0  # weight of KL(GEI prediction || pooled saliency prediction)
+    sc_maps: str = "cosine"  # cosine: cos(g(F(u)), G_c) | decomposed: maps whose mean is the GEI cosine
 
 
 @dataclass(frozen=True)
@@ -300,6 +304,8 @@ def load(name_or_file: str = "default", overrides: list[str] | dict[str, Any] | 
 LOSSES = ("lcl_sc", "lcl", "supcon", "ce")
 #: ``models.ARCHS`` (a test keeps the two equal; listed here so a config is checked without importing Flax).
 ARCHS = ("tiny", "resnet18", "resnet34", "resnet50")
+#: The SC maps of ``loss.sc_maps``.
+SC_MAPS = ("cosine", "decomposed")
 #: What training validation measures (higher is better), for ``train.best_metric``.
 BEST_METRICS = ("accuracy", "balanced_accuracy")
 
@@ -313,6 +319,15 @@ def validate(cfg: Config) -> None:
         errors.append(f"model.arch must be one of {ARCHS}, got {cfg.model.arch!r}")
     if cfg.train.best_metric not in BEST_METRICS:
         errors.append(f"train.best_metric must be one of {BEST_METRICS}, got {cfg.train.best_metric!r}")
+    if cfg.loss.sc_maps not in SC_MAPS:
+        errors.append(f"loss.sc_maps must be one of {SC_MAPS}, got {cfg.loss.sc_maps!r}")
+    elif cfg.loss.sc_maps == "decomposed" and cfg.model.projection_layers != 1:
+        errors.append("loss.sc_maps=decomposed needs a linear projection head (model.projection_layers=1): only "
+                      "then is the mean of the maps the GEI cosine")
+    if cfg.model.projection_layers not in (1, 2):
+        errors.append(f"model.projection_layers must be 1 or 2, got {cfg.model.projection_layers}")
+    if cfg.loss.w_consistency < 0:
+        errors.append("loss.w_consistency must be >= 0")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         errors.append(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
     if cfg.train.optimizer not in ("adamw", "sgd"):

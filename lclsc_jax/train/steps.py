@@ -28,20 +28,31 @@ def _compute_dtype(cfg: Config) -> jnp.dtype:
     return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
 
 
-def _sc_terms(cfg: Config, local_z: jax.Array, local_z_t: jax.Array | None, labels: jax.Array,
-              global_emb: jax.Array, t: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Saliency-consistency loss: TK-MMP cross-entropy on all views plus the equivariance MSE."""
-    loss_cfg = cfg.loss
+def sc_maps(cfg: Config, out: dict[str, jax.Array], global_emb: jax.Array) -> jax.Array:
+    """The run's class saliency maps ``(B, h, w, C)`` from a model output: ``loss.sc_maps`` decides which.
+
+    ``cosine``: ``cos(g(F(u)), G_c)`` (the paper's maps); ``decomposed``: maps whose mean is the
+    GEI cosine (``method.decomposed_saliency_maps``; exact with ``model.projection_layers=1``).
+    """
     g = jax.lax.stop_gradient(global_emb)
-    maps = method.class_saliency_maps(local_z, g)
+    if cfg.loss.sc_maps == "decomposed":
+        return method.decomposed_saliency_maps(out["local_embedding"], out["embedding"], g)
+    return method.class_saliency_maps(out["local_embedding"], g)
+
+
+def _sc_terms(cfg: Config, out: dict[str, jax.Array], out_t: dict[str, jax.Array] | None, labels: jax.Array,
+              global_emb: jax.Array, t: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Saliency-consistency loss: TK-MMP cross-entropy on all views plus the equivariance MSE; and the SC logits."""
+    loss_cfg = cfg.loss
+    maps = sc_maps(cfg, out, global_emb)
     mask = inscribed_disc(*maps.shape[1:3]) if loss_cfg.fov_mask else None  # feature cells in the disc
     kw = dict(tau=loss_cfg.tau, k_max=float(loss_cfg.k_max), k_min=float(loss_cfg.k_min), alpha=loss_cfg.alpha)
-    if local_z_t is None:
+    if out_t is None:
         ce = method.saliency_consistency_loss(maps, labels, mask=mask, **kw)
         eq = jnp.zeros((), jnp.float32)
         logits = method.sc_logits(maps, mask=mask, **kw)
         return ce, eq, logits
-    maps_t = method.class_saliency_maps(local_z_t, g)
+    maps_t = sc_maps(cfg, out_t, global_emb)
     sub = slice(None, None, loss_cfg.eq_stride)
     # TK-MMP cross-entropy over both views; the equivariance term on the pairs (x, T x).
     ce = method.saliency_consistency_loss(jnp.concatenate([maps, maps_t]),
@@ -91,13 +102,13 @@ def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tupl
             loss = method.supervised_contrastive_loss(z_all, y_all, tau=lc.tau)
         else:
             loss = method.label_contrastive_loss(z_all, y_all, state.global_emb, tau=lc.tau, w_ss=lc.w_ss)
-        if lc.name == "lcl_sc" and lc.lambda_sc > 0:
-            ce, eq, sc_logits = _sc_terms(cfg, out["local_embedding"],
-                                          None if out_t is None else out_t["local_embedding"],
-                                          y, state.global_emb, t)
-            loss = loss + lc.lambda_sc * (ce + lc.w_eq * eq)
-            metrics.update(loss_sc=ce, loss_eq=eq, sc_accuracy=jnp.mean(jnp.argmax(sc_logits, -1) == y))
         gei = method.gei_logits(z, state.global_emb, tau=lc.tau)
+        if lc.name == "lcl_sc" and lc.lambda_sc > 0:
+            ce, eq, sc_logits = _sc_terms(cfg, out, out_t, y, state.global_emb, t)
+            cons = method.prediction_consistency_loss(sc_logits, gei) if lc.w_consistency > 0 else jnp.zeros(())
+            loss = loss + lc.lambda_sc * (ce + lc.w_eq * eq + lc.w_consistency * cons)
+            metrics.update(loss_sc=ce, loss_eq=eq, loss_consistency=cons,
+                           sc_accuracy=jnp.mean(jnp.argmax(sc_logits, -1) == y))
         metrics["accuracy"] = jnp.mean(jnp.argmax(gei, -1) == y)
         return loss, (metrics, new_bs, aux)
 
