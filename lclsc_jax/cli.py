@@ -35,15 +35,23 @@ def add_ablation_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, help="shared output folder (plan.json, runs/<name>/, tables)")
     p.add_argument("--preset", default="quick", choices=sorted(ABLATION_GRIDS), help="which grid (default: quick)")
     p.add_argument("--grid", metavar="JSON", help="a grid JSON file instead of --preset")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the grid's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the grid's)")
+    p.add_argument("--split-seeds", type=int, nargs="+",
+                   help="split seeds: a replicate is (split seed, seed); each draws its own folds or fixed split "
+                        "(default: the grid's, else the config's data.split_seed)")
     p.add_argument("--config", help="base preset or JSON config (default: the grid's, e.g. demo)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides applied to every run; repeatable (--set a=1 --set b=2 sets both)")
-    p.add_argument("--folds", type=int, help="k-fold patient-wise CV per run instead of the fixed split")
+    p.add_argument("--folds", type=int,
+                   help="K-fold patient-wise CV per run, folds drawn with its split seed (default: the grid's; "
+                        "0 = the fixed split)")
     p.add_argument("--workers", type=int, default=1,
                    help="parallel child processes (default 1; 0 = in this process); >1 limits each to one thread")
-    p.add_argument("--saliency-images", type=int, default=16, help="test images scored per run (default 16)")
-    p.add_argument("--no-faithfulness", action="store_true", help="skip deletion/insertion AUC")
+    p.add_argument("--saliency-images", type=int,
+                   help="test frames scored per run and fold (default: the grid's, else 16; 0 = every test frame)")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the ROAD gap")
+    p.add_argument("--reference", default="ce", help="group the others are paired with (default: ce)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the tables (default 2000)")
     g = p.add_argument_group("cluster")
     g.add_argument("--slurm", action="store_true", help="write OUT/plan.json and OUT/ablation.slurm, do not run")
     g.add_argument("--run-index", type=int, help="run one entry of OUT/plan.json (a SLURM array task)")
@@ -166,13 +174,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="methods of lclsc_jax.explain.METHODS (default: the CAM family)")
     p.add_argument("--stages", nargs="+", help="feature stages (default: every stage of the model)")
     p.add_argument("--split", default="test", help="train, val, test (default) or all")
-    p.add_argument("--max-images", type=int, default=64, help="images scored (default 64)")
+    p.add_argument("--max-images", type=int, default=64, help="images scored (default 64; 0: every frame of the split)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5], help="fixed thresholds besides Otsu")
-    p.add_argument("--faithfulness", action="store_true", help="also deletion/insertion AUC (slower)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also faithfulness (slower): the ROAD gap LeRF - MoRF (noisy linear imputation) by default")
+    p.add_argument("--faithfulness-metrics", nargs="+", default=["road"], choices=["road", "deletion", "insertion"],
+                   help="perturbation measures with --faithfulness (default road; deletion/insertion: black fill "
+                        "and blur)")
+    p.add_argument("--faithfulness-score", default="rank", choices=["rank", "margin", "prob"],
+                   help="what the curves follow: the target class's rank (default; comparable across a GEI and a "
+                        "linear head), its logit margin, or its probability")
+    p.add_argument("--no-specificity", action="store_true",
+                   help="skip class specificity (true- vs wrong-class maps; halves the cost of expensive methods)")
     p.add_argument("--no-fov", action="store_true",
                    help="score maps over the whole frame, not only inside pCLE's circular field of view")
     p.add_argument("--out", help="output directory (default: WORKDIR/cam_benchmark)")
     _add_checkpoint(p)
+
+    p = sub.add_parser("sanity", help="saliency sanity checks: model and label randomisation (Adebayo et al. 2018)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Re-initialise the run's parameters block by block, from the heads (and the GEI "
+                                   "class embeddings) down through the stages (cascading), and one block at a time "
+                                   "(independent), and compare each method's maps with the original ones: Spearman "
+                                   "rank correlation (abs and signed), SSIM, HOG similarity. A method passes when "
+                                   "its maps are no longer similar once the network is random (mean Spearman(abs) "
+                                   "< 0.5 after the full cascade). Writes sanity.json, sanity.csv, sanity.md, "
+                                   "cascade_<method>.png and similarity.png; prints sanity.md. See docs/sanity.md.",
+                       epilog="examples:\n  lclsc sanity --workdir runs/demo --methods sc gradcam layercam\n"
+                              "  lclsc sanity --workdir runs/demo --label-randomization --max-images 32")
+    p.add_argument("--workdir", required=True, help="a trained run")
+    p.add_argument("--methods", nargs="+",
+                   help="methods of lclsc_jax.explain.METHODS (default: sc on contrastive runs and every CAM)")
+    p.add_argument("--stage", default="last", help="the stage the CAMs explain: a stage name or last (default)")
+    p.add_argument("--max-images", type=int, default=16, help="images explained, evenly spaced over the split "
+                   "(default 16)")
+    p.add_argument("--split", default="test", help="train, val, test (default) or all")
+    p.add_argument("--label-randomization", action="store_true",
+                   help="also train the run's config on shuffled training labels (OUT/label_randomization) and "
+                        "compare its maps with the real model's")
+    p.add_argument("--out", help="output directory (default: WORKDIR/sanity)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the re-drawn parameters, class embeddings and label permutation (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    _add_checkpoint(p)
+
+    p = sub.add_parser("robustness", help="accuracy and saliency under graded pCLE corruptions (ImageNet-C style), mCE",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Degrade the run's test frames by each corruption of a pCLE probe (Poisson-Gaussian "
+                                   "noise, defocus, motion blur, gamma, contrast, gain, another fibre bundle, dark / "
+                                   "saturated / smeared frames) at severities 1-5 and score accuracy, balanced accuracy "
+                                   "and saliency localisation (Grad-CAM, SC: Dice at the mask's area, PR-AUC) at each. "
+                                   "With --reference, the mean corruption error mCE (Hendrycks & Dietterich 2019). "
+                                   "Writes robustness.json/.csv/.md, robustness.png and examples.png; prints the tables. "
+                                   "See docs/robustness.md.",
+                       epilog="examples:\n  lclsc robustness --workdir runs/demo\n"
+                              "  lclsc robustness --workdir runs/lcl_sc --reference runs/ce --corruptions noise defocus "
+                              "--severities 1 3 5")
+    p.add_argument("--workdir", required=True, help="a trained run")
+    p.add_argument("--reference", metavar="RUN", help="a second run (e.g. a ce run with the same split) scored on the "
+                   "same corrupted frames: the denominator of the corruption error CE and mCE")
+    p.add_argument("--corruptions", nargs="+", metavar="NAME",
+                   help="corruptions (default all): noise defocus motion_blur gamma contrast gain fibre_pattern dark "
+                        "saturated smeared")
+    p.add_argument("--severities", type=int, nargs="+", metavar="S",
+                   help="severities in 1..5 (default all); severity 0, the clean frames, is always scored")
+    p.add_argument("--max-images", type=int, default=32,
+                   help="frames with a mask whose saliency maps are scored (default 32; 0 = none); every frame of the "
+                        "split is classified")
+    p.add_argument("--split", default="test", help="train, val, test (default) or all")
+    p.add_argument("--out", help="output directory (default: WORKDIR/robustness)")
+    _add_checkpoint(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random corruptions (default 0)")
 
     p = sub.add_parser("audit-data", help="shortcut audit: global image statistics vs class, class-blind maps vs masks",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -390,8 +462,9 @@ def _explain(args: argparse.Namespace) -> int:
     run = runs.load_run(args.workdir, args.checkpoint)
     images = runs.load_images(run.cfg, args.images)
     written = explain.write_explanations(run.model, run.variables, images, _output_names(args.images),
-                                         args.out, args.method or "sc", args.stage, global_emb=run.global_emb, fov=not args.no_fov,
-                                         class_names=run.class_names, tau=run.cfg.loss.tau)
+                                         args.out, args.method or "sc", args.stage, global_emb=run.global_emb,
+                                         fov=not args.no_fov, class_names=run.class_names, tau=run.cfg.loss.tau,
+                                         method_options={"sc": run.saliency_options("sc")})
     for path in written:
         print(path)
     return 0
@@ -463,12 +536,42 @@ def _benchmark_cams(args: argparse.Namespace) -> int:
     from lclsc_jax.protocols import cam_benchmark
 
     out = args.out or os.path.join(args.workdir, "cam_benchmark")
-    rows = cam_benchmark.benchmark_cams(args.workdir, args.methods, args.stages, args.split, args.max_images,
+    rows = cam_benchmark.benchmark_cams(args.workdir, args.methods, args.stages, args.split, args.max_images or None,
                                         args.thresholds, out, which=args.checkpoint, faithfulness=args.faithfulness,
+                                        faithfulness_metrics=args.faithfulness_metrics,
+                                        faithfulness_score=args.faithfulness_score,
+                                        specificity=not args.no_specificity,
                                         fov=not args.no_fov)
     with open(os.path.join(out, "cam_benchmark.md")) as f:
         print(f.read())
     return 0 if rows and not all(r["error"] for r in rows) else 1
+
+
+def _sanity(args: argparse.Namespace) -> int:
+    """Saliency sanity checks of a run: print sanity.md; exit 1 when every method failed."""
+    from lclsc_jax.protocols import sanity
+
+    out = args.out or os.path.join(args.workdir, "sanity")
+    summary = sanity.sanity_checks(args.workdir, args.methods, args.stage, args.split, args.max_images, out,
+                                   which=args.checkpoint, seed=args.seed,
+                                   label_randomization=args.label_randomization, progress=not args.no_progress)
+    with open(os.path.join(out, "sanity.md")) as f:
+        print(f.read())
+    print(f"written: {os.path.join(out, 'sanity.json')}")
+    return 0 if summary["methods"] else 1
+
+
+def _robustness(args: argparse.Namespace) -> int:
+    """Corruption robustness of a run: print robustness.md and where it was written."""
+    from lclsc_jax.protocols import robustness
+
+    out = args.out or os.path.join(args.workdir, "robustness")
+    robustness.evaluate_robustness(args.workdir, args.reference, args.corruptions, args.severities, args.max_images,
+                                   args.split, out, which=args.checkpoint, seed=args.seed)
+    with open(os.path.join(out, "robustness.md")) as f:
+        print(f.read())
+    print(f"written: {os.path.join(out, 'robustness.json')}")
+    return 0
 
 
 def _audit_data(args: argparse.Namespace) -> int:
@@ -585,16 +688,16 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
         written += explain.write_explanations(run.model, run.variables, images, names,
                                               os.path.join(fig_dir, method), method, "last",
                                               global_emb=run.global_emb, class_names=run.class_names,
-                                              tau=run.cfg.loss.tau)
+                                              tau=run.cfg.loss.tau, method_options={"sc": run.saliency_options("sc")})
     written += explain.write_explanations(run.model, run.variables, images, names,
                                           os.path.join(fig_dir, "all_methods"), "all", "last",
                                           global_emb=run.global_emb, class_names=run.class_names,
-                                          tau=run.cfg.loss.tau)
+                                          tau=run.cfg.loss.tau, method_options={"sc": run.saliency_options("sc")})
     return written
 
 
 _COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "explain": _explain, "cv": _cv,
-             "benchmark-cams": _benchmark_cams, "synth": _synth, "audit-data": _audit_data, "ablate": _ablate, "verify": _verify,
+             "benchmark-cams": _benchmark_cams, "sanity": _sanity, "synth": _synth, "audit-data": _audit_data, "robustness": _robustness, "ablate": _ablate, "verify": _verify,
              "demo": _demo, "config": _config}
 
 

@@ -43,8 +43,17 @@ def test_columns_name_every_threshold_and_otsu():
     for key in ("0.3", "0.5", "otsu"):
         assert all(f"{m}@{key}" in cols for m in ("dice", "iou", "precision", "recall", "bbox_iou"))
     assert cols[:2] == ["method", "stage"] and cols[-1] == "error"
-    assert "deletion_auc" in cols and "deletion_auc" not in cb.benchmark_columns((0.5,))
+    assert len(cols) == len(set(cols))
+    # The threshold-free headline columns come first; ROAD is the default faithfulness measure.
+    assert cols[4:10] == ["pr_auc", "dice@area", "pointing_game", "specificity_corr", "specificity_gap", "road_gap"]
+    assert "road_gap_margin" in cols and "deletion_auc" not in cols
+    assert "road_gap" not in cb.benchmark_columns((0.5,))
+    both = cb.benchmark_columns((0.5,), True, faithfulness_metrics=("deletion", "insertion"), specificity=False)
+    assert "deletion_auc" in both and "insertion_auc" in both and "road_gap" not in both
+    assert "specificity_corr" not in both
     assert "dice@area" in cols and "bbox_iou@area" in cols and "pr_auc" in cols
+    with pytest.raises(ValueError, match="faithfulness_metrics"):
+        cb.benchmark_columns((0.5,), True, faithfulness_metrics=("rise",))
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +83,7 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
     out = str(tmp_path / "bench")
     rows = cb.benchmark_cams(tiny_run, methods=["gradcam", "hirescam"], stages=["stage3", "stage4"], max_images=6,
                              thresholds=(0.5,), out_dir=out, faithfulness=True, deletion_steps=4, figure_images=3,
+                             faithfulness_metrics=("road", "deletion", "insertion"), road_percentages=(30, 70),
                              progress=False)
     blind = [(f"blind:{b}", "-") for b in shortcuts.BLIND_MAPS]
     assert [(r["method"], r["stage"]) for r in rows] == [("gradcam", "stage3"), ("gradcam", "stage4"),
@@ -83,8 +93,12 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
     for r in (rows[0], rows[1], rows[3], *rows[4:]):
         assert r["error"] is None and r["n_images"] == 6
         for k in ("dice@0.5", "dice@otsu", "iou@otsu", "bbox_iou@0.5", "dice@area", "pr_auc", "pointing_game",
-                  "energy_pointing_game", "deletion_auc", "insertion_auc"):
-            assert 0.0 <= r[k] <= 1.0, k
+                  "energy_pointing_game", "deletion_auc", "insertion_auc", "road_morf", "road_lerf"):
+            assert 0.0 <= r[k] <= 1.0, k  # deletion/insertion/ROAD curves track the target's rank here
+        assert -1.0 <= r["road_gap"] <= 1.0 and -1.0 <= r["specificity_gap"] <= 1.0
+        assert r["road_gap"] == pytest.approx(r["road_lerf"] - r["road_morf"])
+    for r in rows[4:]:  # a class-blind map is the same map for every class
+        assert r["specificity_gap"] == 0.0 and (r["specificity_corr"] is None or r["specificity_corr"] == pytest.approx(1))
 
     # Independent recomputation of gradcam@stage4 Dice at 0.5 inside the field of view.
     run = runs.load_run(tiny_run)
@@ -106,6 +120,30 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
     keep = (gt & fov).any(axis=(1, 2))
     expect = np.mean([_dice_np((maps[i] >= 0.5) & fov, gt[i] & fov) for i in range(6) if keep[i]])
     assert rows[1]["dice@0.5"] == pytest.approx(expect, abs=1e-5)
+
+    # Class specificity of gradcam@stage4, recomputed: the runner-up class from the run's own
+    # predictions (softmax probabilities of runs.predict), its map, scipy's Pearson r inside the FOV.
+    from scipy import stats
+
+    probs = runs.predict(run, ds, idx)["probs"]
+    wrong = np.array([max((c for c in range(probs.shape[1]) if c != y[i]), key=lambda c: (probs[i, c], -c))
+                      for i in range(6)], np.int32)
+    maps_w = np.asarray(real("gradcam", run.model, run.variables, x, wrong, stage="stage4", global_emb=run.global_emb,
+                             tau=run.cfg.loss.tau))
+    rs = [stats.pearsonr(maps[i][fov], maps_w[i][fov])[0] for i in range(6)
+          if np.ptp(maps[i][fov]) > 0 and np.ptp(maps_w[i][fov]) > 0]
+    assert rows[1]["specificity_corr"] == pytest.approx(np.mean(rs), abs=1e-4)
+
+    # Per-frame scores: one column per (row, metric) over the same frames; their means are the rows'.
+    fr = cb.load_frames(os.path.join(out, cb.FRAME_FILE))
+    np.testing.assert_array_equal(fr["index"], idx)
+    np.testing.assert_array_equal(fr["patient"], ds.patients[idx].astype(str))
+    np.testing.assert_array_equal(fr["runner_up"], wrong)
+    np.testing.assert_array_equal(fr["label"], y)
+    assert ("gradcam", "stage4", "dice@0.5") not in fr["columns"]  # only the FRAME_METRICS are kept per frame
+    pg = fr["columns"][("gradcam", "stage4", "pointing_game")]
+    assert np.isnan(pg[~keep]).all() and np.nanmean(pg) == pytest.approx(rows[1]["pointing_game"])
+    assert not any(m == "hirescam" and st == "stage3" for m, st, _ in fr["columns"])  # the failed row has none
 
     # The class-blind local-std row: computed inside the measured field of view, scored inside the same
     # FOV as the other rows; Dice at the mask's area recomputed with scipy's generic_filter (window std
@@ -134,7 +172,7 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
     assert local["dice@area"] == pytest.approx(np.mean(area), abs=1e-6)
 
     # Files: CSV/Markdown with every column, one line per row; a figure per stage.
-    cols = cb.benchmark_columns((0.5,), faithfulness=True)
+    cols = cb.benchmark_columns((0.5,), faithfulness=True, faithfulness_metrics=("road", "deletion", "insertion"))
     with open(os.path.join(out, "cam_benchmark.csv")) as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == cols and len(table) == 4 + len(blind)

@@ -188,3 +188,33 @@ def test_cross_validate_end_to_end_and_resume_skips_finished_folds(tiny, tmp_pat
     # A restart with other settings is refused instead of mixing folds.
     with pytest.raises(ValueError, match="other settings"):
         cv.cross_validate(cfg, wd, folds=3, dataset=ds, progress=False)
+
+
+def test_the_folds_follow_the_configs_split_seed_unless_a_seed_is_given(tmp_path, monkeypatch):
+    # A repeated CV is one CV per data.split_seed: the fold assignment must follow it (the ablation's replicates).
+    import types
+
+    from lclsc_jax import evaluate
+
+    ds = types.SimpleNamespace(patients=PATIENTS, labels=LABELS, class_names=("a", "b"))
+    seen = []
+
+    def fake_fold(cfg, ds_, fold_dir, splits, which, progress):
+        seen.append(sorted(set(PATIENTS[splits["test"]])))
+        te = splits["test"]
+        probs = np.eye(2)[LABELS[te]] * 0.8 + 0.1
+        m = evaluate.classification_metrics(LABELS[te], probs, patients=PATIENTS[te])
+        return m, {"probs": probs, "label": LABELS[te], "index": te, "patient": PATIENTS[te]}
+
+    monkeypatch.setattr(cv, "_run_fold", fake_fold)
+    for split_seed in (3, 4):
+        cfg = C.load("tiny", {"data.split_seed": split_seed})
+        seen.clear()
+        s = cv.cross_validate(cfg, str(tmp_path / f"s{split_seed}"), folds=3, dataset=ds, progress=False, figures=False)
+        expect = [sorted(set(PATIENTS[te])) for _, te in cv.cv_folds(PATIENTS, LABELS, folds=3, seed=split_seed)]
+        assert seen == expect and s["seed"] == split_seed
+    assert expect != [sorted(set(PATIENTS[te])) for _, te in cv.cv_folds(PATIENTS, LABELS, folds=3, seed=3)]
+    seen.clear()
+    cv.cross_validate(C.load("tiny", {"data.split_seed": 4}), str(tmp_path / "explicit"), folds=3, seed=3, dataset=ds,
+                      progress=False, figures=False)
+    assert seen == [sorted(set(PATIENTS[te])) for _, te in cv.cv_folds(PATIENTS, LABELS, folds=3, seed=3)]

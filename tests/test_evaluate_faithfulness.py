@@ -22,6 +22,7 @@ from lclsc_jax.evaluate.faithfulness import (
     noisy_linear_impute,
     road,
     saliency_ranks,
+    target_scores,
 )
 
 H = W = 6
@@ -43,6 +44,27 @@ def analytic_probs_np(x: np.ndarray) -> np.ndarray:
 def analytic_score_fn(x: jax.Array) -> jax.Array:
     sums = jnp.einsum("bhwc,khw->bk", x, jnp.asarray(REGIONS))
     return jax.nn.softmax(sums * jnp.asarray(SCALES), axis=-1)
+
+
+def analytic_logits_np(x: np.ndarray) -> np.ndarray:
+    """The analytic model's logits (B, 3) in NumPy."""
+    return np.einsum("bhwc,khw->bk", x.astype(np.float64), REGIONS.astype(np.float64)) * SCALES
+
+
+def analytic_logit_fn(x: jax.Array) -> jax.Array:
+    """The same model's logits: softmax of these is ``analytic_score_fn``."""
+    return jnp.einsum("bhwc,khw->bk", x, jnp.asarray(REGIONS)) * jnp.asarray(SCALES)
+
+
+def _margin_np(z: np.ndarray, t: int) -> float:
+    """Logit margin of class ``t`` by a loop: its logit minus the largest other."""
+    return z[t] - max(z[c] for c in range(len(z)) if c != t)
+
+
+def _rank_np(z: np.ndarray, t: int) -> float:
+    """Share of the other classes that class ``t`` beats (ties 1/2), by a loop."""
+    others = [c for c in range(len(z)) if c != t]
+    return sum(1.0 if z[c] < z[t] else 0.5 if z[c] == z[t] else 0.0 for c in others) / len(others)
 
 
 def _data(seed: int, b: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -241,6 +263,74 @@ def test_road_noise_is_reproducible_with_a_key():
     assert not np.allclose(a["morf"], c["morf"], rtol=0, atol=1e-9)
 
 
+def test_target_scores_match_loops_with_ties():
+    z = np.array([[2.0, 1.0, 2.0, -1.0], [0.5, 3.0, 0.0, 0.1], [1.0, 1.0, 1.0, 1.0]])
+    t = np.array([0, 2, 3])
+    np.testing.assert_allclose(target_scores(z, t, "prob"), [2.0, 0.0, 1.0])
+    np.testing.assert_allclose(target_scores(z, t, "margin"), [_margin_np(z[i], t[i]) for i in range(3)])
+    np.testing.assert_allclose(target_scores(z, t, "rank"), [_rank_np(z[i], t[i]) for i in range(3)])
+    np.testing.assert_allclose(target_scores(z, t, "rank"), [2.5 / 3, 0.0, 0.5])
+    np.testing.assert_allclose(np.asarray(target_scores(jnp.asarray(z), jnp.asarray(t), "margin")),
+                               [0.0, -3.0, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="score must be"):
+        target_scores(z, t, "logit")
+
+
+def test_road_on_the_logit_margin_matches_independent_loop():
+    images, saliency, targets = _data(9, b=2)
+    pcts = (25, 75)
+    out = road(analytic_logit_fn, images, saliency, targets, percentages=pcts, noise_std=0.0, score="margin")
+    assert out["score"] == "margin" and out["outputs"].shape == (2, 2, 2, 3)
+    for b in range(2):
+        order = np.argsort(-saliency[b].ravel(), kind="stable")
+        for j, p in enumerate(pcts):
+            k = int(round(p / 100 * H * W))
+            for o, (name, drop) in enumerate((("morf", order[:k]), ("lerf", order[H * W - k :]))):
+                removed = np.zeros(H * W, bool)
+                removed[drop] = True
+                x = _dense_impute(images[b].astype(np.float64), removed.reshape(H, W))
+                z = analytic_logits_np(x[None])[0]
+                assert out[name][b, j] == pytest.approx(_margin_np(z, targets[b]), rel=1e-4, abs=1e-5)
+                np.testing.assert_allclose(out["outputs"][b, o, j], z, rtol=1e-4, atol=1e-5)
+    assert out["gap"] == pytest.approx(out["lerf"].mean() - out["morf"].mean())
+
+
+def test_rank_scored_curves_do_not_depend_on_calibration():
+    # Softmax probabilities and logits (a monotone map per frame) give the same rank curves; a
+    # temperature-scaled head (logits / 7, like cos / tau vs a linear head) the same rank and a
+    # margin scaled by exactly 1/7, while its probability curve changes shape.
+    images, saliency, targets = _data(10, b=3)
+    cool = lambda x: analytic_logit_fn(x) / 7.0  # noqa: E731
+    kw = dict(percentages=(30, 60), noise_std=0.0)
+    r_prob = road(analytic_score_fn, images, saliency, targets, score="rank", **kw)
+    r_logit = road(analytic_logit_fn, images, saliency, targets, score="rank", **kw)
+    r_cool = road(cool, images, saliency, targets, score="rank", **kw)
+    np.testing.assert_array_equal(r_prob["morf"], r_logit["morf"])
+    np.testing.assert_array_equal(r_logit["lerf"], r_cool["lerf"])
+    m = road(analytic_logit_fn, images, saliency, targets, score="margin", **kw)
+    m_cool = road(cool, images, saliency, targets, score="margin", **kw)
+    np.testing.assert_allclose(m_cool["morf"], m["morf"] / 7.0, rtol=1e-4, atol=1e-6)
+    for name in ("morf", "lerf"):
+        want = np.array([[_rank_np(z, targets[b]) for z in r_logit["outputs"][b, 0 if name == "morf" else 1]]
+                         for b in range(3)])
+        np.testing.assert_array_equal(r_logit[name], want)
+
+
+def test_deletion_on_the_margin_matches_numpy_loop():
+    images, saliency, targets = _data(11)
+    out = deletion_curve(analytic_logit_fn, images, saliency, targets, n_steps=5, max_batch=4, score="margin")
+    ref = np.zeros((3, 6))
+    for b in range(3):
+        order = np.argsort(-saliency[b].ravel(), kind="stable")
+        for i in range(6):
+            x = images[b].reshape(H * W, -1).copy()
+            x[order[: i * H * W // 5]] = 0.0
+            ref[b, i] = _margin_np(analytic_logits_np(x.reshape(1, H, W, -1))[0], targets[b])
+    np.testing.assert_allclose(out["curves"], ref, rtol=1e-4, atol=1e-5)
+    rank = insertion_curve(analytic_score_fn, images, saliency, targets, n_steps=3, score="rank")
+    assert set(np.unique(rank["curves"])) <= {0.0, 0.5, 1.0}
+
+
 # ------------------------------------------------------------------ confidence change
 
 
@@ -288,6 +378,10 @@ def test_bad_input():
         deletion_curve(analytic_score_fn, images, saliency, targets, baseline="noise")
     with pytest.raises(ValueError, match="percentages"):
         road(analytic_score_fn, images, saliency, targets, percentages=(50, 100))
+    with pytest.raises(ValueError, match="score must be"):
+        road(analytic_score_fn, images, saliency, targets, score="probability")
+    with pytest.raises(ValueError, match="score must be"):
+        deletion_curve(analytic_score_fn, images, saliency, targets, score="logits")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         confidence_change(analytic_score_fn, images, saliency * 3, targets)
     with pytest.raises(ValueError, match="targets must be integer"):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn import metrics as skm
 
 from lclsc_jax.evaluate.localisation import (
@@ -13,6 +14,7 @@ from lclsc_jax.evaluate.localisation import (
     average_precision,
     bbox_iou,
     binarize,
+    class_specificity,
     dice,
     energy_pointing_game,
     iou,
@@ -22,6 +24,7 @@ from lclsc_jax.evaluate.localisation import (
     pixel_precision,
     pixel_recall,
     pointing_game,
+    runner_up_class,
     topk_binarize,
 )
 
@@ -263,3 +266,56 @@ def test_pr_auc_matches_sklearn_average_precision():
     assert out["per_image"]["pr_auc"][2] is None and average_precision(maps[2], masks[2]) is None
     perfect = masks[0].astype(float)
     assert average_precision(perfect, masks[0]) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------ class specificity
+
+
+def test_runner_up_class_is_the_best_other_class():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3], [0.4, 0.4, 0.2], [0.2, 0.4, 0.4]])
+    targets = np.array([1, 0, 1, 0])
+    expect = [max((c for c in range(3) if c != t), key=lambda c: (scores[i, c], -c)) for i, t in enumerate(targets)]
+    np.testing.assert_array_equal(runner_up_class(scores, targets), expect)
+    np.testing.assert_array_equal(expect, [2, 2, 0, 1])
+    with pytest.raises(ValueError, match="targets"):
+        runner_up_class(scores, np.array([0, 1, 2, 3]))
+
+
+def test_class_specificity_matches_scipy_and_brute_force():
+    rng = np.random.default_rng(14)
+    n, h, w = 6, 9, 10
+    a = np.round(rng.random((n, h, w)), 2)
+    b = np.round(rng.random((n, h, w)), 2)
+    b[1] = a[1]  # a class-blind map: r = 1, gap = 0
+    b[2] = 0.4  # flat wrong-class map: r undefined, its Dice at the area 0 (ranks nothing)
+    masks = np.zeros((n, h, w), bool)
+    for i in range(n):
+        r, c = rng.integers(0, 5, 2)
+        masks[i, r:r + 4, c:c + 4] = True
+    masks[4] = False  # no mask: r still defined, no Dice gap
+    valid = np.ones((h, w), bool)
+    valid[:2, :2] = False
+    out = class_specificity(a, b, masks, valid, return_per_image=True)
+    rs, gaps = [], []
+    for i in range(n):
+        if i != 2:
+            r = stats.pearsonr(a[i][valid], b[i][valid])[0]
+            assert out["per_image"]["correlation"][i] == pytest.approx(r)
+            rs.append(r)
+        if i != 4:
+            g = masks[i] & valid
+            k = int(g.sum())
+            d = [skm.f1_score(g.ravel(), _topk_brute_force(m[i], k, valid).ravel()) for m in (a, b)]
+            if i == 2:
+                d[1] = 0.0
+            assert out["per_image"]["dice_area_gap"][i] == pytest.approx(d[0] - d[1])
+            gaps.append(d[0] - d[1])
+    assert out["per_image"]["correlation"][1] == pytest.approx(1.0) and out["per_image"]["dice_area_gap"][1] == 0
+    assert out["per_image"]["correlation"][2] is None and out["per_image"]["dice_area_gap"][4] is None
+    assert out["correlation"] == pytest.approx(np.mean(rs)) and out["dice_area_gap"] == pytest.approx(np.mean(gaps))
+    assert (out["n_images"], out["n_correlated"], out["n_evaluated"]) == (6, 5, 5)
+    # The true-class Dice at the area is localisation_metrics' own "area" Dice.
+    ref = localisation_metrics(a, masks, valid=valid, thresholds=(), otsu=False)
+    assert out["dice_area_true"] == pytest.approx(ref["thresholds"]["area"]["dice"])
+    with pytest.raises(ValueError, match="same shape"):
+        class_specificity(a, b[:2], masks)

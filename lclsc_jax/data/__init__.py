@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from lclsc_jax.data.augment import augment_record, denormalize_images, normalize_images
     from lclsc_jax.data.batching import array_batches, pad_rows
     from lclsc_jax.data.builders import Dataset, LclscUserImages, RecordSource, SyntheticPcle, default_cache_dir, load
+    from lclsc_jax.data.corruptions import CORRUPTION_NAMES, CORRUPTIONS, SEVERITY_SCHEDULE, corrupt
     from lclsc_jax.data.export import export_synthetic
-    from lclsc_jax.data.io import (DataError, load_image_file, load_mask_file, read_manifest, scan_folder,
-                                   source_path)
+    from lclsc_jax.data.io import DataError, load_image_file, load_mask_file, read_manifest, scan_folder, source_path
     from lclsc_jax.data.pipeline import GlobalOrder, eval_batches, num_eval_batches, train_dataset, train_iterator
     from lclsc_jax.data.settings import EVIDENCE, AugmentConfig, SyntheticConfig
     from lclsc_jax.data.splits import (
@@ -41,6 +41,8 @@ _WHERE = {
     "Dataset": "builders", "LclscUserImages": "builders", "RecordSource": "builders", "SyntheticPcle": "builders",
     "default_cache_dir": "builders", "load": "builders",
     "export_synthetic": "export",
+    "CORRUPTIONS": "corruptions", "CORRUPTION_NAMES": "corruptions", "SEVERITY_SCHEDULE": "corruptions",
+    "corrupt": "corruptions",
     "DataError": "io", "load_image_file": "io", "load_mask_file": "io", "read_manifest": "io", "scan_folder": "io",
     "source_path": "io",
     "GlobalOrder": "pipeline", "eval_batches": "pipeline", "num_eval_batches": "pipeline",
@@ -52,7 +54,7 @@ _WHERE = {
     "render_examples": "viz", "render_panel": "viz",
 }
 _ALIASES = {"synthetic_config": ("synthetic", "config_from_options")}
-_SUBMODULES = ("augment", "batching", "builders", "export", "fibre_bundle", "io", "pipeline", "probe", "settings",
+_SUBMODULES = ("augment", "batching", "builders", "corruptions", "export", "fibre_bundle", "io", "pipeline", "probe", "settings",
                "splits", "synthetic", "tissue", "viz")
 
 __all__ = sorted([*_WHERE, *_ALIASES])

@@ -2,6 +2,9 @@
 
 ``metrics`` and ``localisation`` are NumPy (host side); ``faithfulness`` runs the model
 under ``jax.jit`` in bounded batches; ``plots`` draws PNGs with matplotlib (Agg canvas, no pyplot).
+``similarity`` (NumPy/SciPy/scikit-image) compares two stacks of maps (Spearman, SSIM, HOG) for the
+saliency sanity checks. ``statistics`` (NumPy) gives intervals that include the data: a hierarchical
+bootstrap over patients and frames, paired by frame, and Student-t intervals for independent repeats.
 ``shortcuts`` (NumPy/SciPy) measures what a class-blind reader gets from a frame: global image statistics
 and class-blind saliency baselines (``blind_map``). Pure scoring: nothing here trains or loads a run;
 the protocols that do (cross-validation, the CAM benchmark, ablations) are ``lclsc_jax.protocols``.
@@ -10,6 +13,7 @@ Formulas and references: ``docs/evaluate.md``.
 
 from lclsc_jax.evaluate.faithfulness import (
     ROAD_NEIGHBOUR_WEIGHTS,
+    SCORE_KINDS,
     confidence_change,
     curve_auc,
     deletion_curve,
@@ -18,12 +22,14 @@ from lclsc_jax.evaluate.faithfulness import (
     noisy_linear_impute,
     road,
     saliency_ranks,
+    target_scores,
 )
 from lclsc_jax.evaluate.localisation import (
     area_binarize,
     average_precision,
     bbox_iou,
     binarize,
+    class_specificity,
     dice,
     energy_pointing_game,
     iou,
@@ -33,6 +39,7 @@ from lclsc_jax.evaluate.localisation import (
     pixel_precision,
     pixel_recall,
     pointing_game,
+    runner_up_class,
     topk_binarize,
 )
 from lclsc_jax.evaluate.metrics import (
@@ -45,6 +52,21 @@ from lclsc_jax.evaluate.metrics import (
     roc_curve_points,
 )
 from lclsc_jax.evaluate.shortcuts import BLIND_MAPS, blind_map, global_statistics
+from lclsc_jax.evaluate.statistics import (
+    bootstrap_by_class,
+    bootstrap_weights,
+    hierarchical_bootstrap,
+    paired_bootstrap,
+    patient_labels,
+    t_interval,
+)
+from lclsc_jax.evaluate.similarity import (
+    SIMILARITIES,
+    hog_similarity,
+    map_similarities,
+    spearman,
+    ssim,
+)
 from lclsc_jax.evaluate.plots import (
     confidence_histogram,
     confusion_matrix_plot,
@@ -60,6 +82,8 @@ __all__ = [
     "BLIND_MAPS",
     "ECE_BINS",
     "ROAD_NEIGHBOUR_WEIGHTS",
+    "SCORE_KINDS",
+    "SIMILARITIES",
     "aggregate_folds",
     "area_binarize",
     "average_precision",
@@ -67,7 +91,10 @@ __all__ = [
     "binarize",
     "binary_auroc",
     "blind_map",
+    "bootstrap_by_class",
+    "bootstrap_weights",
     "calibration_bins",
+    "class_specificity",
     "classification_metrics",
     "confidence_change",
     "confidence_histogram",
@@ -79,6 +106,8 @@ __all__ = [
     "energy_pointing_game",
     "gaussian_blur",
     "global_statistics",
+    "hierarchical_bootstrap",
+    "hog_similarity",
     "insertion_curve",
     "iou",
     "localisation_metrics",
@@ -86,9 +115,12 @@ __all__ = [
     "make_confusion_figure",
     "make_per_patient_figure",
     "make_roc_figure",
+    "map_similarities",
     "noisy_linear_impute",
     "normalize_maps",
     "otsu_binarize",
+    "paired_bootstrap",
+    "patient_labels",
     "per_patient_bars",
     "pixel_precision",
     "pixel_recall",
@@ -96,6 +128,11 @@ __all__ = [
     "road",
     "roc_curve_points",
     "roc_curves",
+    "runner_up_class",
     "saliency_ranks",
+    "spearman",
+    "ssim",
+    "t_interval",
+    "target_scores",
     "topk_binarize",
 ]

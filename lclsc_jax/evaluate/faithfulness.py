@@ -1,11 +1,16 @@
 """Perturbation faithfulness of saliency maps: deletion/insertion, ROAD, confidence drop.
 
-The model is any jittable ``score_fn(images (B, H, W, C)) -> probs (B, K)`` (class
-probabilities, e.g. ``softmax`` of a Flax model's logits); ``targets (B,)`` names the
-class whose probability is tracked. Saliency maps are ``(B, h, w)``; when ``(h, w)``
-differs from the image size they are resized bilinearly (``jax.image.resize``), as
-CAMs are upsampled in the papers. Pixels are ranked by saliency, most salient first,
-ties broken in raster order.
+The model is any jittable ``score_fn(images (B, H, W, C)) -> scores (B, K)``; ``targets (B,)``
+names the class that is tracked, and ``score`` says what of it (``target_scores``):
+``"prob"`` (default) the column itself (pass class probabilities, e.g. ``softmax`` of the
+logits), ``"margin"`` the column minus the largest other column (pass logits: the logit margin,
+unchanged by any shift of the logits), ``"rank"`` the share of the other classes the target
+still beats (ties count 1/2; unchanged by any monotone map of the scores, so softmax
+probabilities and logits give the same curve). Probabilities depend on a head's calibration
+(a GEI head's ``cos / tau`` vs a linear head's logits); margin and rank make heads comparable.
+Saliency maps are ``(B, h, w)``; when ``(h, w)`` differs from the image size they are
+resized bilinearly (``jax.image.resize``), as CAMs are upsampled in the papers. Pixels are
+ranked by saliency, most salient first, ties broken in raster order.
 
 All forward passes run under ``jax.jit`` in fixed-size chunks of ``max_batch`` images
 (``jax.lax.map`` over chunks), so memory is bounded by ``max_batch`` perturbed images
@@ -33,6 +38,7 @@ from scipy.sparse.linalg import spsolve
 
 __all__ = [
     "ROAD_NEIGHBOUR_WEIGHTS",
+    "SCORE_KINDS",
     "confidence_change",
     "curve_auc",
     "deletion_curve",
@@ -41,9 +47,13 @@ __all__ = [
     "noisy_linear_impute",
     "road",
     "saliency_ranks",
+    "target_scores",
 ]
 
 ScoreFn = Callable[[jax.Array], jax.Array]
+
+#: What a perturbation curve tracks of the target class (``target_scores``).
+SCORE_KINDS = ("prob", "margin", "rank")
 
 #: (row offset, col offset) -> weight of the ROAD imputation (direct 1/6, diagonal 1/12).
 ROAD_NEIGHBOUR_WEIGHTS: tuple[tuple[tuple[int, int], float], ...] = (
@@ -91,6 +101,36 @@ def _check_targets_range(probs_shape: tuple[int, ...], targets: jax.Array) -> No
 
 
 # ----------------------------------------------------------------------- small pieces
+
+
+def _check_score(kind: str) -> str:
+    """``kind`` if it is one of :data:`SCORE_KINDS`."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}, got {kind!r}")
+    return kind
+
+
+def target_scores(outputs: Any, targets: Any, kind: str = "prob") -> Any:
+    """Tracked score ``(...)`` of class ``targets (...)`` in ``outputs (..., K)``: ``prob``, ``margin`` or ``rank``.
+
+    ``prob``: ``outputs[t]``; ``margin``: ``outputs[t] - max_{c != t} outputs[c]``; ``rank``:
+    ``(#{c != t: outputs[c] < outputs[t]} + #{c != t: outputs[c] = outputs[t]} / 2) / (K - 1)``, in
+    [0, 1], 1 = the target is on top. NumPy in, NumPy out (float64); JAX in, JAX out (for jit).
+    """
+    _check_score(kind)
+    xp = jnp if isinstance(outputs, jax.Array) else np
+    o = outputs if xp is jnp else np.asarray(outputs, np.float64)
+    t = (targets if xp is jnp else np.asarray(targets)).astype(xp.int32 if xp is jnp else np.int64)
+    own = xp.take_along_axis(o, t[..., None], axis=-1)
+    if kind == "prob":
+        return own[..., 0]
+    k = o.shape[-1]
+    is_t = xp.arange(k) == t[..., None]
+    if kind == "margin":
+        return own[..., 0] - xp.max(xp.where(is_t, -xp.inf, o), axis=-1)
+    below = xp.sum((o < own) & ~is_t, axis=-1)
+    tied = xp.sum((o == own) & ~is_t, axis=-1)
+    return (below + 0.5 * tied) / max(k - 1, 1)
 
 
 def saliency_ranks(saliency: jax.Array) -> jax.Array:
@@ -168,7 +208,7 @@ def _batched_probs(score_fn: ScoreFn, x: jax.Array, *, max_batch: int) -> jax.Ar
     return probs.reshape((n_chunks * mb,) + probs.shape[2:])[:m]
 
 
-@functools.partial(jax.jit, static_argnames=("score_fn", "max_batch"))
+@functools.partial(jax.jit, static_argnames=("score_fn", "max_batch", "score"))
 def _perturbation_curves(
     score_fn: ScoreFn,
     unselected: jax.Array,
@@ -178,8 +218,9 @@ def _perturbation_curves(
     counts: jax.Array,
     *,
     max_batch: int,
+    score: str = "prob",
 ) -> jax.Array:
-    """Target probability (B, K) of images showing ``selected`` at the ``counts[k]`` top-ranked pixels.
+    """Target score (B, K) of images showing ``selected`` at the ``counts[k]`` top-ranked pixels.
 
     Image ``b`` at step ``k`` is ``where(ranks[b] < counts[k], selected[b], unselected[b])``;
     the ``B*K`` images are built and scored ``max_batch`` at a time.
@@ -196,8 +237,7 @@ def _perturbation_curves(
         bi = img_idx[idx]
         sel = (ranks[bi] < counts[step_idx[idx]][:, None]).reshape(mb, h, w, 1)
         x = jnp.where(sel, selected[bi], unselected[bi])
-        probs = score_fn(x)
-        return jnp.take_along_axis(probs, targets[bi][:, None], axis=1)[:, 0]
+        return target_scores(score_fn(x), targets[bi], score)
 
     out = jax.lax.map(chunk, jnp.arange(n_chunks * mb).reshape(n_chunks, mb))
     return out.reshape(-1)[:total].reshape(b, k)
@@ -216,8 +256,10 @@ def _curve(
     blur_sigma: float,
     max_batch: int,
     insertion: bool,
+    score: str = "prob",
 ) -> dict[str, Any]:
     """Shared body of deletion_curve / insertion_curve."""
+    _check_score(score)
     if int(n_steps) < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if int(max_batch) < 1:
@@ -230,7 +272,7 @@ def _curve(
     ranks = saliency_ranks(s)
     unselected, selected = (base, x) if insertion else (x, base)
     curves = np.asarray(
-        _perturbation_curves(score_fn, unselected, selected, ranks, t, counts, max_batch=int(max_batch)),
+        _perturbation_curves(score_fn, unselected, selected, ranks, t, counts, max_batch=int(max_batch), score=score),
         dtype=np.float64,
     )
     auc = curve_auc(curves)
@@ -252,16 +294,17 @@ def deletion_curve(
     baseline: str | Any = "zero",
     blur_sigma: float = 5.0,
     max_batch: int = 64,
+    score: str = "prob",
 ) -> dict[str, Any]:
     """Deletion curve (Petsiuk et al. 2018) of ``images (B,H,W,C)``, ``saliency (B,h,w)``, ``targets (B,)``.
 
     Step ``i = 0..n_steps`` replaces the ``floor(i*H*W/n_steps)`` most salient pixels
-    by the baseline ("zero", "blur", "mean" or an array) and records the target-class
-    probability. Returns ``x (S+1,)`` (fraction of pixels removed), ``curves (B, S+1)``,
-    ``auc (B,)`` (trapezoid over x in [0, 1]; lower is better), ``mean_curve``,
-    ``mean_auc``.
+    by the baseline ("zero", "blur", "mean" or an array) and records the target's
+    ``score`` (``target_scores``: probability, margin or rank). Returns ``x (S+1,)``
+    (fraction of pixels removed), ``curves (B, S+1)``, ``auc (B,)`` (trapezoid over x in
+    [0, 1]; lower is better), ``mean_curve``, ``mean_auc``.
     """
-    return _curve(score_fn, images, saliency, targets, n_steps, baseline, blur_sigma, max_batch, False)
+    return _curve(score_fn, images, saliency, targets, n_steps, baseline, blur_sigma, max_batch, False, score)
 
 
 def insertion_curve(
@@ -273,13 +316,14 @@ def insertion_curve(
     baseline: str | Any = "blur",
     blur_sigma: float = 5.0,
     max_batch: int = 64,
+    score: str = "prob",
 ) -> dict[str, Any]:
     """Insertion curve (Petsiuk et al. 2018): from the baseline (default: blurred), insert top pixels first.
 
     Same shapes and keys as ``deletion_curve``; ``x`` is the fraction of pixels
     inserted and a higher AUC is better.
     """
-    return _curve(score_fn, images, saliency, targets, n_steps, baseline, blur_sigma, max_batch, True)
+    return _curve(score_fn, images, saliency, targets, n_steps, baseline, blur_sigma, max_batch, True, score)
 
 
 # --------------------------------------------------------------------------------- ROAD
@@ -348,12 +392,15 @@ def road(
     noise_std: float = 0.01,
     key: jax.Array | None = None,
     max_batch: int = 64,
+    score: str = "prob",
 ) -> dict[str, Any]:
     """ROAD (Rong et al. 2022): remove p% of pixels (MoRF / LeRF), impute, re-score; per image and mean.
 
     For each percentage ``p`` the ``round(p/100*H*W)`` most (MoRF) or least (LeRF)
     salient pixels are replaced by ``noisy_linear_impute``. Returns ``percentages``,
-    ``morf``/``lerf`` (B, P) target probabilities, ``morf_correct``/``lerf_correct``
+    ``score``, ``outputs`` (B, 2, P, K) the raw ``score_fn`` outputs (MoRF, LeRF),
+    ``morf``/``lerf`` (B, P) the target's ``score`` (``target_scores``: ``"prob"``,
+    ``"margin"`` on logits, ``"rank"``), ``morf_correct``/``lerf_correct``
     (B, P) whether the argmax is still the target, ``morf_mean``/``lerf_mean`` (B,)
     means over percentages, the curves averaged over images (``*_curve``, ``*_accuracy``)
     and the scalars ``mean_morf``, ``mean_lerf`` and ``gap = mean_lerf - mean_morf``
@@ -361,6 +408,7 @@ def road(
     """
     if int(max_batch) < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    _check_score(score)
     ps = [float(p) for p in percentages]
     if not ps or any(not 0 <= p < 100 for p in ps):
         raise ValueError(f"percentages must be a non-empty list in [0, 100), got {list(percentages)}")
@@ -384,11 +432,13 @@ def road(
         batch = jnp.asarray(np.stack(imputed), dtype=x.dtype)
         probs_all.append(np.asarray(_batched_probs(score_fn, batch, max_batch=int(max_batch)), np.float64))
     probs = np.stack(probs_all).reshape(b, 2, len(ps), -1)  # (B, order, P, K)
-    target_p = np.take_along_axis(probs, t_np[:, None, None, None], axis=-1)[..., 0]
+    target_p = target_scores(probs, np.broadcast_to(t_np[:, None, None], probs.shape[:-1]), score)
     correct = probs.argmax(-1) == t_np[:, None, None]
     morf, lerf = target_p[:, 0], target_p[:, 1]
     return {
         "percentages": ps,
+        "score": score,
+        "outputs": probs,
         "morf": morf,
         "lerf": lerf,
         "morf_correct": correct[:, 0],

@@ -14,6 +14,12 @@ pointing-game hit. ``pr_auc`` is the average precision of the map's valid pixels
 against the mask (``sklearn.metrics.average_precision_score``). Zero denominators give 0
 (no predicted pixels -> precision 0; no saliency mass -> energy 0), except dice/IoU of two
 empty masks, which are 1.
+
+Class specificity (``class_specificity``): a map that explains *the* class should differ from the
+map of another class on the same frame. Per frame, the map for the true class and the map for the
+most likely wrong class (``runner_up_class``) are compared by their Pearson correlation over the
+valid pixels (1 = the map ignores the class) and by the gap of their Dice at the mask's area
+(true - wrong; > 0 = the true class's map is the one on the evidence).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "average_precision",
     "bbox_iou",
     "binarize",
+    "class_specificity",
     "dice",
     "energy_pointing_game",
     "iou",
@@ -39,6 +46,7 @@ __all__ = [
     "pixel_precision",
     "pixel_recall",
     "pointing_game",
+    "runner_up_class",
     "topk_binarize",
 ]
 
@@ -357,4 +365,74 @@ def localisation_metrics(
     }
     if return_per_image:
         out["per_image"] = per_image
+    return out
+
+
+# ----------------------------------------------------------------- class specificity
+
+
+def runner_up_class(scores: Any, targets: Any) -> np.ndarray:
+    """``(N,)`` int64: the best class other than ``targets (N,)`` in ``scores (N, K)`` (ties -> lower index)."""
+    sc = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(targets)
+    if sc.ndim != 2 or sc.shape[1] < 2:
+        raise ValueError(f"scores must have shape (N, K) with K >= 2, got {sc.shape}")
+    if t.shape != (sc.shape[0],) or t.dtype.kind not in "iu" or (t.size and (t.min() < 0 or t.max() >= sc.shape[1])):
+        raise ValueError(f"targets must be class indices in 0..{sc.shape[1] - 1} of shape ({sc.shape[0]},)")
+    masked = sc.copy()
+    masked[np.arange(sc.shape[0]), t] = -np.inf
+    return masked.argmax(axis=1).astype(np.int64)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two 1-D arrays; None when either is constant."""
+    if a.max() == a.min() or b.max() == b.min():
+        return None
+    da, db = a - a.mean(), b - b.mean()
+    den = np.sqrt((da * da).sum() * (db * db).sum())
+    return None if den == 0 else float(np.clip((da * db).sum() / den, -1.0, 1.0))
+
+
+def class_specificity(
+    maps_true: Any, maps_wrong: Any, masks: Any, valid: Any = None, return_per_image: bool = False
+) -> dict[str, Any]:
+    """How much a frame's map depends on the class: true-class vs wrong-class maps ``(N, H, W)`` in [0, 1].
+
+    Per frame ``i``: ``correlation`` = Pearson r of the two maps over the valid pixels (None when
+    either map is flat there; 1 = class-blind), and, for frames with a non-empty mask
+    ``(N, H, W)``, ``dice_area_true`` / ``dice_area_wrong`` = Dice at the mask's area (as in
+    ``localisation_metrics``, key ``"area"``) and ``dice_area_gap`` = true - wrong. Returns the
+    means (None when no frame qualifies), ``n_images``, ``n_correlated`` (frames with a defined
+    r), ``n_evaluated`` (non-empty masks) and, with ``return_per_image``, the per-frame lists.
+    """
+    a = _check_map(maps_true, "maps_true")
+    b = _check_map(maps_wrong, "maps_wrong")
+    if a.ndim != 3 or a.shape != b.shape or a.shape[0] == 0:
+        raise ValueError(f"maps_true and maps_wrong must have the same shape (N, H, W), N >= 1; got {a.shape}, "
+                         f"{b.shape}")
+    v = _as_valid(valid, a.shape)
+    g = _check_mask(masks, a.shape, "masks") & v
+    n = a.shape[0]
+    corr = [_pearson(a[i][v[i]], b[i][v[i]]) if v[i].any() else None for i in range(n)]
+    keep = g.reshape(n, -1).any(axis=1)
+    d_true = [dice(area_binarize(a[i], g[i], v[i]), g[i]) if keep[i] else None for i in range(n)]
+    d_wrong = [dice(area_binarize(b[i], g[i], v[i]), g[i]) if keep[i] else None for i in range(n)]
+    gap = [None if t is None else t - w for t, w in zip(d_true, d_wrong)]
+
+    def mean(xs: list[float | None]) -> float | None:
+        vals = [x for x in xs if x is not None]
+        return float(np.mean(vals)) if vals else None
+
+    out: dict[str, Any] = {
+        "n_images": int(n),
+        "n_correlated": int(sum(c is not None for c in corr)),
+        "n_evaluated": int(keep.sum()),
+        "correlation": mean(corr),
+        "dice_area_true": mean(d_true),
+        "dice_area_wrong": mean(d_wrong),
+        "dice_area_gap": mean(gap),
+    }
+    if return_per_image:
+        out["per_image"] = {"correlation": corr, "dice_area_true": d_true, "dice_area_wrong": d_wrong,
+                            "dice_area_gap": gap}
     return out

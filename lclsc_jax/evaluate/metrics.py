@@ -381,6 +381,9 @@ def aggregate_folds(results: Sequence[Mapping[str, Any]], confidence: float = 0.
     statistics (``n`` counts the folds used). With one usable fold, std and the
     interval are None. With ``clip_rates`` the interval of a rate (:data:`RATE_METRICS`)
     is clipped to [0, 1]; pass ``clip_rates=False`` for signed values such as differences.
+    The t-interval assumes independent values: right over independent repeats (training seeds),
+    too narrow over the folds of one cross-validation (their training sets overlap); for the
+    data's variance use ``statistics.hierarchical_bootstrap`` over patients and frames.
     """
     if len(results) == 0:
         raise ValueError("aggregate_folds needs at least one fold result")

@@ -2,7 +2,8 @@
 
 ``runs`` (load a run, its splits, predict, evaluate), ``cross_validation`` (patient-wise k-fold /
 LOPO), ``cam_benchmark`` (saliency methods x stages vs masks), ``ablation`` (sweeps; the named grids
-in ``grids``) and ``audit`` (``lclsc audit-data``: shortcuts in global statistics, class-blind maps).
+in ``grids``), ``audit`` (``lclsc audit-data``: shortcuts in global statistics, class-blind maps) and
+``sanity`` (``lclsc sanity``: model and label randomisation checks of saliency maps).
 See ``docs/protocols.md``. Names load on first use, so ``lclsc --help`` does not import JAX.
 """
 
@@ -15,6 +16,8 @@ _HOME = {
     "ABLATION_GRIDS": "grids", "ablation_table": "ablation", "expand_grid": "ablation", "run_ablation": "ablation",
     "write_slurm_script": "ablation", "CLASSIFIERS": "audit", "audit_dataset": "audit", "patient_folds": "audit",
     "benchmark_cams": "cam_benchmark", "cross_validate": "cross_validation", "cv_folds": "cross_validation",
+    "evaluate_robustness": "robustness",
+    "sanity_checks": "sanity", "shuffled_label_dataset": "sanity",
 }
 __all__ = sorted(_HOME)
 

@@ -2,10 +2,15 @@
 
 In the manner of the Hemorica CAM benchmark (arXiv 2508.17699): several CAM methods, each at
 several network stages, scored by Dice/IoU/precision/recall and box IoU of the binarised map
-(fixed thresholds and Otsu), the pointing game and the energy pointing game; optionally by
-deletion/insertion AUC. One row per (method, stage); a method that fails at a stage records
-its error in its row. Writes ``cam_benchmark.csv``, ``.md``, ``.json`` and ``grid_<stage>.png``
-(rows = images, columns = methods, maps overlaid with the GT mask contour).
+(fixed thresholds, Otsu and the mask's area), PR-AUC, the pointing game and the energy pointing
+game. The headline columns are threshold-free: ``pr_auc``, ``dice@area``, ``pointing_game``, the
+class specificity (``specificity_corr``, ``specificity_gap``: the map for the true class vs the
+map for the most likely wrong class) and, with ``faithfulness``, the ROAD gap (``road_gap``:
+LeRF - MoRF with noisy linear imputation, on the rank of the target class, so GEI and linear
+heads are comparable); black-fill deletion / blurred insertion AUC are options. One row per
+(method, stage); a method that fails at a stage records its error in its row. Writes
+``cam_benchmark.csv``, ``.md``, ``.json``, the per-frame scores ``cam_benchmark_frames.npz`` and
+``grid_<stage>.png`` (rows = images, columns = methods, maps overlaid with the GT mask contour).
 
 Stage-free methods get one row each: ``sc`` at the model's last stage (its maps exist only
 there), input-level methods (``fullgrad``, ``occlusion``, gradients, ...) with stage ``input``.
@@ -28,7 +33,16 @@ from matplotlib.figure import Figure
 
 from lclsc_jax import explain
 from lclsc_jax.data import normalize_images, pad_rows
-from lclsc_jax.evaluate import deletion_curve, insertion_curve, localisation_metrics, shortcuts
+from lclsc_jax.evaluate import (
+    class_specificity,
+    deletion_curve,
+    insertion_curve,
+    localisation_metrics,
+    road,
+    runner_up_class,
+    shortcuts,
+    target_scores,
+)
 from lclsc_jax.explain import core
 from lclsc_jax.protocols import runs
 from lclsc_jax.train import loop
@@ -36,11 +50,17 @@ from lclsc_jax.train.reporting import log
 
 __all__ = [
     "DEFAULT_METHODS",
+    "FAITHFULNESS_METRICS",
+    "FRAME_FILE",
+    "FRAME_METRICS",
+    "HEADLINE_METRICS",
     "benchmark_cams",
     "benchmark_columns",
     "benchmark_plan",
+    "load_frames",
     "localisation_row",
     "select_images",
+    "write_frames",
     "write_table",
 ]
 
@@ -50,17 +70,40 @@ DEFAULT_METHODS: tuple[str, ...] = ("sc", "gradcam", "gradcam++", "hirescam", "x
 OVERLAPS = ("dice", "iou", "precision", "recall", "bbox_iou")
 INPUT_STAGE = "input"
 BLIND_STAGE = "-"
+#: Threshold-free headline columns (first in the tables): localisation, class specificity, faithfulness.
+HEADLINE_METRICS = ("pr_auc", "dice@area", "pointing_game", "specificity_corr", "specificity_gap", "road_gap")
+#: Perturbation measures ``faithfulness_metrics`` may name.
+FAITHFULNESS_METRICS = ("road", "deletion", "insertion")
+ROAD_COLUMNS = ("road_gap", "road_morf", "road_lerf", "road_gap_margin", "road_gap_prob")
+#: Per-frame scores saved in ``FRAME_FILE`` (NaN where undefined: an empty mask, a flat map, a failed method).
+FRAME_METRICS = ("pr_auc", "dice@area", "pointing_game", "specificity_corr", "specificity_gap", *ROAD_COLUMNS,
+                 "dice@otsu", "energy_pointing_game", "deletion_auc", "insertion_auc")
+FRAME_FILE = "cam_benchmark_frames.npz"
 
 
-def benchmark_columns(thresholds: Sequence[float] = (0.5,), faithfulness: bool = False) -> list[str]:
-    """Column names of a benchmark row, in table order."""
+def benchmark_columns(thresholds: Sequence[float] = (0.5,), faithfulness: bool = False, *, specificity: bool = True,
+                      faithfulness_metrics: Sequence[str] = ("road",)) -> list[str]:
+    """Column names of a benchmark row, in table order: the headline (threshold-free) columns first."""
     keys = [_threshold_key(t) for t in thresholds] + ["otsu", "area"]
-    cols = ["method", "stage", "n_images", "n_evaluated"]
-    cols += [f"{m}@{k}" for k in keys for m in OVERLAPS]
-    cols += ["pointing_game", "energy_pointing_game", "pr_auc"]
+    cols = ["method", "stage", "n_images", "n_evaluated", "pr_auc", "dice@area", "pointing_game"]
+    if specificity:
+        cols += ["specificity_corr", "specificity_gap"]
     if faithfulness:
-        cols += ["deletion_auc", "insertion_auc"]
+        fm = _check_faithfulness_metrics(faithfulness_metrics)
+        cols += list(ROAD_COLUMNS) if "road" in fm else []
+        cols += [f"{m}_auc" for m in ("deletion", "insertion") if m in fm]
+    cols += [f"{m}@{k}" for k in keys for m in OVERLAPS if f"{m}@{k}" not in cols]
+    cols += ["energy_pointing_game"]
     return cols + ["seconds", "error"]
+
+
+def _check_faithfulness_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple, each one of :data:`FAITHFULNESS_METRICS`."""
+    bad = [n for n in names if n not in FAITHFULNESS_METRICS]
+    if bad or not names:
+        raise ValueError(f"faithfulness_metrics must be a non-empty subset of {FAITHFULNESS_METRICS}, "
+                         f"got {list(names)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _threshold_key(t: float) -> str:
@@ -102,16 +145,32 @@ def select_images(indices: np.ndarray, max_images: int) -> np.ndarray:
     return idx[pos]
 
 
-def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = (0.5,),
-                     valid: np.ndarray | None = None) -> dict[str, Any]:
-    """Flat localisation scores of ``maps (N, H, W)`` in [0, 1] vs ``masks (N, H, W)``: ``dice@0.5``, ``pr_auc``, ..."""
-    m = localisation_metrics(maps, masks, thresholds=thresholds, otsu=True, valid=valid, area=True)
+def _localisation(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float],
+                  valid: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(row, per-frame arrays)`` of ``localisation_row``; per-frame values NaN where undefined."""
+    m = localisation_metrics(maps, masks, thresholds=thresholds, otsu=True, valid=valid, area=True,
+                             return_per_image=True)
     row: dict[str, Any] = {"n_images": m["n_images"], "n_evaluated": m["n_evaluated"],
                            "pointing_game": m["pointing_game"], "energy_pointing_game": m["energy_pointing_game"],
                            "pr_auc": m["pr_auc"]}
     for key, vals in m["thresholds"].items():
         row.update({f"{name}@{key}": v for name, v in vals.items()})
-    return row
+    per = m["per_image"]
+    frames = {k: _nan_array(per[k]) for k in ("pr_auc", "pointing_game", "energy_pointing_game")}
+    frames["dice@area"] = _nan_array(per["thresholds"]["area"]["dice"])
+    frames["dice@otsu"] = _nan_array(per["thresholds"]["otsu"]["dice"])
+    return row, frames
+
+
+def _nan_array(values: Sequence[Any]) -> np.ndarray:
+    """``(N,)`` float64 of a list with None -> NaN."""
+    return np.asarray([np.nan if v is None else float(v) for v in values], np.float64)
+
+
+def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = (0.5,),
+                     valid: np.ndarray | None = None) -> dict[str, Any]:
+    """Flat localisation scores of ``maps (N, H, W)`` in [0, 1] vs ``masks (N, H, W)``: ``dice@0.5``, ``pr_auc``, ..."""
+    return _localisation(maps, masks, thresholds, valid)[0]
 
 
 def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
@@ -122,7 +181,7 @@ def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray,
         tb, _ = pad_rows(targets[i:i + batch_size], batch_size)
         m = explain.saliency(method, run.model, run.variables, xb, tb.astype(np.int32),
                              stage="last" if stage == INPUT_STAGE else stage,
-                             global_emb=run.global_emb, tau=run.cfg.loss.tau)
+                             global_emb=run.global_emb, tau=run.cfg.loss.tau, **run.saliency_options(method))
         out.append(np.asarray(m, np.float32)[valid])
     maps = np.concatenate(out)
     if not np.all(np.isfinite(maps)):
@@ -141,14 +200,64 @@ def _score_fn(run: Any) -> Any:
     return score_fn
 
 
-def _faithfulness(score_fn: Any, x: np.ndarray, maps: np.ndarray, targets: np.ndarray, steps: int,
-                  batch_size: int) -> dict[str, float]:
-    """Mean deletion AUC (black fill, lower is better) and insertion AUC (from blurred, higher is better)."""
-    black = np.broadcast_to(normalize_images(np.zeros((1,) + x.shape[1:], np.uint8)), x.shape)
+def _logit_fn(run: Any) -> Any:
+    """``images (B, H, W, C) -> logits (B, K)``: ``cos(z, G_c) / tau`` (GEI runs), else the linear head's logits."""
+    scorer = core.make_scorer(run.model, 1, global_emb=run.global_emb, tau=run.cfg.loss.tau)
+    model, variables = run.model, run.variables
+
+    def logit_fn(images: jax.Array) -> jax.Array:
+        return scorer.outputs(core.forward(model, variables, images), (images.shape[0],))
+
+    return logit_fn
+
+
+def _logits(logit_fn: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``(N, K)`` logits of ``x`` in fixed-size (padded) batches."""
+    fn = jax.jit(logit_fn)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, valid = pad_rows(x[i:i + batch_size], batch_size)
+        out.append(np.asarray(fn(xb), np.float64)[valid])
+    return np.concatenate(out)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (float64)."""
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _road_frames(logit_fn: Any, x: np.ndarray, maps: np.ndarray, targets: np.ndarray, percentages: Sequence[float],
+                 noise: float, score: str, batch_size: int) -> dict[str, np.ndarray]:
+    """Per-frame ROAD gap (LeRF - MoRF, mean over ``percentages``) on ``score``, the logit margin and the probability.
+
+    One ``road`` run on the logits (key 0: every method sees the same imputation noise); the
+    three views come from the same model outputs.
+    """
     t = targets.astype(np.int32)
-    d = deletion_curve(score_fn, x, maps, t, n_steps=steps, baseline=black, max_batch=batch_size)
-    ins = insertion_curve(score_fn, x, maps, t, n_steps=steps, baseline="blur", max_batch=batch_size)
-    return {"deletion_auc": float(d["mean_auc"]), "insertion_auc": float(ins["mean_auc"])}
+    r = road(logit_fn, x, maps, t, percentages=percentages, noise_std=noise, key=jax.random.key(0),
+             max_batch=batch_size, score=score)
+    tt = np.broadcast_to(t[:, None, None], r["outputs"].shape[:-1])
+    margin = target_scores(r["outputs"], tt, "margin").mean(axis=2)  # (B, 2): MoRF, LeRF
+    prob = target_scores(_softmax(r["outputs"]), tt, "prob").mean(axis=2)
+    return {"road_gap": r["lerf_mean"] - r["morf_mean"], "road_morf": r["morf_mean"], "road_lerf": r["lerf_mean"],
+            "road_gap_margin": margin[:, 1] - margin[:, 0], "road_gap_prob": prob[:, 1] - prob[:, 0]}
+
+
+def _curves_frames(score_fns: Mapping[str, Any], x: np.ndarray, maps: np.ndarray, targets: np.ndarray, steps: int,
+                   which: Sequence[str], score: str, batch_size: int) -> dict[str, np.ndarray]:
+    """Per-frame deletion AUC (black fill, lower is better) and insertion AUC (from blurred, higher is better)."""
+    fn = score_fns["prob"] if score == "prob" else score_fns["logits"]
+    t = targets.astype(np.int32)
+    out: dict[str, np.ndarray] = {}
+    if "deletion" in which:
+        black = np.broadcast_to(normalize_images(np.zeros((1,) + x.shape[1:], np.uint8)), x.shape)
+        out["deletion_auc"] = deletion_curve(fn, x, maps, t, n_steps=steps, baseline=black, max_batch=batch_size,
+                                             score=score)["auc"]
+    if "insertion" in which:
+        out["insertion_auc"] = insertion_curve(fn, x, maps, t, n_steps=steps, baseline="blur", max_batch=batch_size,
+                                               score=score)["auc"]
+    return out
 
 
 def _error_text(e: BaseException) -> str:
@@ -227,25 +336,68 @@ def _figure_picks(labels: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(order[:k], np.int64)
 
 
-def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: Sequence[str] | None = None,
-                   split: str = "test", max_images: int = 64, thresholds: Sequence[float] = (0.5,),
-                   out_dir: str | None = None, *, which: str = "best", faithfulness: bool = False,
-                   deletion_steps: int = 16, batch_size: int = 16, figure_images: int = 6, fov: bool = True,
-                   blind: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Localisation (and faithfulness) of each method at each stage on a run's ``split``; returns the table rows.
+def _frame_mean(v: np.ndarray) -> float | None:
+    """Mean of the finite values, None without any."""
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
 
-    Targets are the true labels. ``methods`` default: ``DEFAULT_METHODS`` (``sc`` only works for
-    contrastive runs; on a ``ce`` run its row holds the error). ``stages`` default: every stage of
-    the model (``"last"`` allowed). ``fov`` restricts Otsu, pointing games and overlaps to the
-    circular field of view. ``blind``: class-blind baselines appended as rows ``blind:<name>``
-    (default: all of ``shortcuts.BLIND_MAPS``; ``()`` for none). Writes the table,
-    ``cam_benchmark.json`` and the figure grids into ``out_dir`` (default ``WORKDIR/cam_benchmark``).
+
+def write_frames(path: str, index: np.ndarray, patient: np.ndarray, label: np.ndarray, predicted: np.ndarray,
+                 runner_up: np.ndarray, frames: Mapping[tuple[str, str], Mapping[str, np.ndarray]]) -> str:
+    """Save per-frame scores: ``index/patient/label/predicted/runner_up (N,)``, ``methods/stages/metrics (M,)``,
+    ``values (M, N)``; return the path."""
+    names = [(m, st, k) for (m, st), d in frames.items() for k in FRAME_METRICS if k in d]
+    values = np.stack([frames[(m, st)][k] for m, st, k in names]) if names else np.zeros((0, len(index)))
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, index=np.asarray(index, np.int64), patient=np.asarray(patient).astype(str),
+             label=np.asarray(label, np.int64), predicted=np.asarray(predicted, np.int64),
+             runner_up=np.asarray(runner_up, np.int64), methods=np.asarray([n[0] for n in names], str),
+             stages=np.asarray([n[1] for n in names], str), metrics=np.asarray([n[2] for n in names], str),
+             values=values.astype(np.float64))
+    os.replace(tmp, path)
+    return path
+
+
+def load_frames(path: str) -> dict[str, Any]:
+    """A ``FRAME_FILE``: ``{index, patient, label, predicted, runner_up, columns: {(method, stage, metric): (N,)}}``."""
+    with np.load(path) as z:
+        out = {k: z[k] for k in ("index", "patient", "label", "predicted", "runner_up")}
+        out["columns"] = {(str(m), str(st), str(k)): z["values"][i]
+                          for i, (m, st, k) in enumerate(zip(z["methods"], z["stages"], z["metrics"]))}
+    return out
+
+
+def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: Sequence[str] | None = None,
+                   split: str = "test", max_images: int | None = 64, thresholds: Sequence[float] = (0.5,),
+                   out_dir: str | None = None, *, which: str = "best", faithfulness: bool = False,
+                   faithfulness_metrics: Sequence[str] = ("road",), faithfulness_score: str = "rank",
+                   road_percentages: Sequence[float] = (10, 30, 50, 70, 90), road_noise: float = 0.01,
+                   specificity: bool = True, deletion_steps: int = 16, batch_size: int = 16, figure_images: int = 6,
+                   fov: bool = True, blind: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Localisation, class specificity (and faithfulness) of each method at each stage on a run's ``split``; table rows.
+
+    Targets are the true labels. ``max_images``: at most this many frames of the split, evenly
+    spaced (0 or None: every frame). ``methods`` default: ``DEFAULT_METHODS`` (``sc`` only works
+    for contrastive runs; on a ``ce`` run its row holds the error). ``stages`` default: every stage
+    of the model (``"last"`` allowed). ``specificity``: also explain the most likely wrong class
+    (``runner_up_class`` of the run's logits) and compare the two maps (``class_specificity``).
+    ``faithfulness``: the perturbation measures of ``faithfulness_metrics`` (``road``: ROAD with
+    noisy linear imputation at ``road_percentages``; ``deletion``: black fill; ``insertion``: from
+    blurred), tracking ``faithfulness_score`` of the target class (``target_scores``: ``rank``
+    (default), ``margin`` on the logits, ``prob``). ``fov`` restricts Otsu, pointing games and
+    overlaps to the circular field of view. ``blind``: class-blind baselines appended as rows
+    ``blind:<name>`` (default: all of ``shortcuts.BLIND_MAPS``; ``()`` for none). Writes the
+    table, ``cam_benchmark.json``, the per-frame scores (``FRAME_FILE``) and the figure grids
+    into ``out_dir`` (default ``WORKDIR/cam_benchmark``).
     """
+    fm = _check_faithfulness_metrics(faithfulness_metrics) if faithfulness else ()
+    if faithfulness_score not in ("prob", "margin", "rank"):
+        raise ValueError(f"faithfulness_score must be 'prob', 'margin' or 'rank', got {faithfulness_score!r}")
     run = runs.load_run(workdir, which)
     ds = loop.load_dataset(run.cfg)
     if not ds.has_masks:
         raise ValueError(f"the data of {workdir} ({run.cfg.data.source}) has no ground-truth masks; benchmark-cams "
-                         "needs masks (the synthetic pCLE data ships them; a manifest can give a mask column)")
+                         "needs masks (the synthetic pCLE data ship them; a manifest can give a mask column)")
     splits = runs.run_splits(workdir, run.cfg, ds)
     if split == "all":
         indices = np.arange(len(ds.labels), dtype=np.int64)
@@ -254,7 +406,7 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     else:
         raise ValueError(f"split {split!r} is empty or unknown; choose from {sorted(k for k in splits if len(splits[k]))} "
                          "or 'all'")
-    idx = select_images(indices, max_images)
+    idx = select_images(indices, max_images) if max_images else np.asarray(indices, np.int64)
     recs = [ds.source[int(i)] for i in idx]
     images = np.stack([r["image"] for r in recs])
     masks = np.stack([np.asarray(r["mask"]) > 0 for r in recs])
@@ -262,20 +414,38 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     x = normalize_images(images)
     valid = shortcuts.inscribed_disc(*images.shape[1:3]) if fov else None
     plan = benchmark_plan(run.model, list(methods or DEFAULT_METHODS), stages)
-    columns = benchmark_columns(thresholds, faithfulness)
-    score_fn = _score_fn(run) if faithfulness else None
+    columns = benchmark_columns(thresholds, bool(fm), specificity=specificity, faithfulness_metrics=fm or ("road",))
+    bs = min(batch_size, len(x))
+    score_fns = {"prob": _score_fn(run), "logits": _logit_fn(run)}  # one object each: compiled once
+    logits = _logits(score_fns["logits"], x, bs)
+    predicted = logits.argmax(axis=1)
+    wrong = runner_up_class(logits, targets).astype(np.int32)
     picks = _figure_picks(targets, figure_images)
     kept: dict[tuple[str, str], np.ndarray | None] = {}
+    frames: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     rows: list[dict[str, Any]] = []
-    def score(method: str, stage: str, make_maps: Callable[[], np.ndarray]) -> None:
+
+    def score(method: str, stage: str, make_maps: Callable[[np.ndarray], np.ndarray], class_blind: bool) -> None:
         """Append the table row of one map maker; a failing method is a table entry, not a crash."""
         t0 = time.time()
         row: dict[str, Any] = {"method": method, "stage": stage, "n_images": int(len(idx)), "error": None}
         try:
-            maps = make_maps()
-            row.update(localisation_row(maps, masks, thresholds, valid))
-            if faithfulness:
-                row.update(_faithfulness(score_fn, x, maps, targets, deletion_steps, min(batch_size, len(x)) * 4))
+            maps = make_maps(targets)
+            loc, per = _localisation(maps, masks, thresholds, valid)
+            row.update(loc)
+            if specificity:
+                other = maps if class_blind else make_maps(wrong)
+                spec = class_specificity(maps, other, masks, valid, return_per_image=True)
+                per["specificity_corr"] = _nan_array(spec["per_image"]["correlation"])
+                per["specificity_gap"] = _nan_array(spec["per_image"]["dice_area_gap"])
+            if "road" in fm:
+                per.update(_road_frames(score_fns["logits"], x, maps, targets, road_percentages, road_noise,
+                                        faithfulness_score, bs * 4))
+            if "deletion" in fm or "insertion" in fm:
+                per.update(_curves_frames(score_fns, x, maps, targets, deletion_steps, fm, faithfulness_score, bs * 4))
+            means = ("specificity_corr", "specificity_gap", *ROAD_COLUMNS, "deletion_auc", "insertion_auc")
+            row.update({k: _frame_mean(v) for k, v in per.items() if k in means})
+            frames[(method, stage)] = per
             kept[(method, stage)] = maps[picks]
         except Exception as e:  # noqa: BLE001
             row["error"] = _error_text(e)
@@ -285,10 +455,11 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
         if progress:
             log(f"[benchmark-cams] {method:<20} {stage:<7} " + (
                 f"ERROR {row['error']}" if row["error"] else
-                f"dice@otsu={_fmt(row['dice@otsu'])} pointing={_fmt(row['pointing_game'])}"))
+                f"pr_auc={_fmt(row['pr_auc'])} dice@area={_fmt(row['dice@area'])} "
+                f"pointing={_fmt(row['pointing_game'])}"))
 
     for method, stage in plan:
-        score(method, stage, lambda m=method, s=stage: _maps(run, m, s, x, targets, min(batch_size, len(x))))
+        score(method, stage, lambda t, m=method, s=stage: _maps(run, m, s, x, t, bs), False)
     blind_names = shortcuts.BLIND_MAPS if blind is None else tuple(blind)
     # Blind maps are computed inside the measured field of view (a dark rim inside the inscribed disc
     # is not texture) and scored like every other row.
@@ -296,9 +467,11 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     map_valid = valid if est is None else est
     for name in blind_names:  # class-blind floor: same images, masks, field of view and scoring
         score(f"blind:{name}", BLIND_STAGE,
-              lambda n=name: shortcuts.blind_map(n, images, map_valid, seed=0).astype(np.float32))
+              lambda t, n=name: shortcuts.blind_map(n, images, map_valid, seed=0).astype(np.float32), True)
     out_dir = out_dir or os.path.join(workdir, "cam_benchmark")
     paths = write_table(rows, columns, out_dir)
+    paths["frames"] = write_frames(os.path.join(out_dir, FRAME_FILE), idx, ds.patients[idx], targets, predicted, wrong,
+                                   frames)
     figures = []
     if len(picks):
         display = images[picks].astype(np.float32) / 255.0
@@ -310,8 +483,10 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
             cols += [(f"blind:{b}", kept[(f"blind:{b}", BLIND_STAGE)]) for b in blind_names]
             figures.append(_grid_figure(display, masks[picks], titles, cols, os.path.join(out_dir, f"grid_{fs}.png")))
     meta = {"workdir": workdir, "checkpoint_step": run.step, "split": split, "indices": idx.tolist(),
-            "thresholds": [float(t) for t in thresholds], "fov": fov, "faithfulness": faithfulness,
-            "blind": list(blind_names),
+            "thresholds": [float(t) for t in thresholds], "fov": fov, "faithfulness": bool(fm),
+            "faithfulness_metrics": list(fm), "faithfulness_score": faithfulness_score,
+            "road_percentages": [float(p) for p in road_percentages], "road_noise": float(road_noise),
+            "specificity": bool(specificity), "blind": list(blind_names),
             "columns": columns, "rows": rows, "figures": [os.path.basename(p) for p in figures], **paths}
     loop.write_json(os.path.join(out_dir, "cam_benchmark.json"), meta)
     return rows

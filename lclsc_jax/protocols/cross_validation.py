@@ -88,6 +88,10 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], predictions: Sequ
                     class_names: Sequence[str], confidence: float = 0.95) -> dict[str, Any]:
     """Per-fold scalars, their mean/std/CI (``aggregate_folds``) and metrics of all folds' pooled predictions.
 
+    The per-fold t-interval treats the folds as independent; their training sets overlap, so it is
+    too narrow (Nadeau & Bengio 2003). For an interval that includes the patients, bootstrap the
+    pooled predictions over patients and frames (``evaluate.statistics.hierarchical_bootstrap``).
+
     ``predictions[k]`` holds ``probs (N_k, C)``, ``label (N_k,)`` and ``patient (N_k,)``. Folds where a
     metric is undefined (e.g. AUROC of a one-class LOPO fold) are left out of its statistics;
     the pooled metrics are always defined when the pooled labels have two classes.
@@ -207,17 +211,20 @@ def _run_fold(cfg: Config, ds: Any, fold_dir: str, splits: dict[str, np.ndarray]
 
 
 def cross_validate(cfg: Config, workdir: str, folds: int | None = 5, lopo: bool = False, nested: bool = False,
-                   seed: int = 0, dataset: Any = None, progress: bool = True, figures: bool = True) -> dict[str, Any]:
+                   seed: int | None = None, dataset: Any = None, progress: bool = True,
+                   figures: bool = True) -> dict[str, Any]:
     """Patient-wise k-fold (``folds``) or leave-one-patient-out (``lopo``) CV of ``cfg``; returns the summary.
 
     Fold ``k`` trains in ``workdir/fold_XX`` (resumed if interrupted, skipped if its
     ``metrics.json`` exists). ``nested`` holds out ``cfg.data.val_fraction`` of each fold's
     training patients for best-checkpoint selection; otherwise all training patients train and
-    the last checkpoint is evaluated. ``seed`` drives the fold and inner-split assignment.
-    Writes ``workdir/cv_summary.json`` and, with ``figures``, PNGs in ``workdir/figures``.
+    the last checkpoint is evaluated. ``seed`` drives the fold and inner-split assignment
+    (default: the config's ``data.split_seed``, so a repeated CV over split seeds is a list of
+    configs). Writes ``workdir/cv_summary.json`` and, with ``figures``, PNGs in ``workdir/figures``.
     """
     if not lopo and (folds is None or int(folds) < 2):
         raise ValueError(f"folds must be >= 2 for k-fold CV (or pass lopo=True), got {folds}")
+    seed = int(cfg.data.split_seed if seed is None else seed)
     ds = dataset if dataset is not None else loop.load_dataset(cfg)
     fold_list = cv_folds(ds.patients, ds.labels, folds or 0, lopo, seed)
     os.makedirs(workdir, exist_ok=True)
