@@ -79,7 +79,7 @@ def test_benchmark_two_methods_two_stages(tiny_run, tmp_path, monkeypatch):
             raise RuntimeError("boom at stage3")
         return real(method, *a, stage=stage, **kw)
 
-    monkeypatch.setattr(explain, "saliency", flaky)
+    monkeypatch.setattr(explain.api, "saliency", flaky)  # what saliency_batched calls
     out = str(tmp_path / "bench")
     rows = cb.benchmark_cams(tiny_run, methods=["gradcam", "hirescam"], stages=["stage3", "stage4"], max_images=6,
                              thresholds=(0.5,), out_dir=out, faithfulness=True, deletion_steps=4, figure_images=3,

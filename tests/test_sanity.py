@@ -254,7 +254,7 @@ def test_a_model_independent_map_fails(tiny_run, tmp_path, monkeypatch):
         g = np.asarray(x)[..., 0]
         return jnp.asarray(np.hypot(ndimage.sobel(g, 1), ndimage.sobel(g, 2)), jnp.float32)
 
-    monkeypatch.setattr(explain, "saliency", edges)
+    monkeypatch.setattr(explain.api, "saliency", edges)  # what saliency_batched calls
     s = sn.sanity_checks(tiny_run, methods=["gradcam"], max_images=4, out_dir=str(tmp_path), progress=False)
     v = s["verdicts"]["gradcam"]
     assert not v["passed"] and v["spearman_abs_full_cascade"] == pytest.approx(1.0)

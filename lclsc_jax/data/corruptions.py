@@ -312,22 +312,22 @@ def contrast(images: np.ndarray, severity: int, rng: np.random.Generator, *, fov
     return _finish(images, m + _param("contrast", "factor", severity) * (x - m), v)
 
 
-def gain(images: np.ndarray, severity: int, rng: np.random.Generator, *, fov: Any = None) -> np.ndarray:
-    """``g x`` with ``g < 1`` (under-exposure: fewer grey levels) of ``images (N, H, W, C)`` uint8."""
+def _scaled(name: str, images: np.ndarray, severity: int, fov: Any) -> np.ndarray:
+    """``g x`` with the ``gain`` of corruption ``name`` at ``severity``, inside the field of view, clipped."""
     images = _check(images, severity)
     if severity == 0:
         return images.copy()
-    v = _fov(images, fov)
-    return _finish(images, _to_float(images) * _param("gain", "gain", severity), v)
+    return _finish(images, _to_float(images) * _param(name, "gain", severity), _fov(images, fov))
+
+
+def gain(images: np.ndarray, severity: int, rng: np.random.Generator, *, fov: Any = None) -> np.ndarray:
+    """``g x`` with ``g < 1`` (under-exposure: fewer grey levels) of ``images (N, H, W, C)`` uint8."""
+    return _scaled("gain", images, severity, fov)
 
 
 def saturated(images: np.ndarray, severity: int, rng: np.random.Generator, *, fov: Any = None) -> np.ndarray:
     """``g x`` with ``g > 1``, clipped at white: an over-exposed (non-diagnostic) frame; ``(N, H, W, C)`` uint8."""
-    images = _check(images, severity)
-    if severity == 0:
-        return images.copy()
-    v = _fov(images, fov)
-    return _finish(images, _to_float(images) * _param("saturated", "gain", severity), v)
+    return _scaled("saturated", images, severity, fov)
 
 
 def dark(images: np.ndarray, severity: int, rng: np.random.Generator, *, fov: Any = None) -> np.ndarray:

@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lclsc_jax.explain.api import saliency
+    from lclsc_jax.explain.api import saliency, saliency_batched
     from lclsc_jax.explain.core import Explainer, Scorer, finish_cams, make_scorer, minmax, normalize_map, resize
     from lclsc_jax.explain.figures import overlay, write_explanations
     from lclsc_jax.explain.perturbation import occlusion_windows, slic_segments
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "GRADIENT_CAMS": "registry", "INPUT_METHODS": "registry", "METHODS": "registry", "MethodSpec": "registry",
     "REGISTRY": "registry", "STAGE_METHODS": "registry",
-    "saliency": "api",
+    "saliency": "api", "saliency_batched": "api",
     "Explainer": "core", "Scorer": "core", "finish_cams": "core", "make_scorer": "core", "minmax": "core",
     "normalize_map": "core", "resize": "core",
     "overlay": "figures", "write_explanations": "figures",

@@ -12,8 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lclsc_jax import models
+from lclsc_jax.data import pad_rows
 from lclsc_jax.explain import cam, core, registry
 from lclsc_jax.explain.registry import INPUT_METHODS, METHODS, STAGE_METHODS, MethodSpec
 
@@ -117,6 +119,29 @@ def saliency(
     static, dynamic = _options(spec, x, options)
     fn = _compiled(method, model, stages, static, bool(normalize), bool(jit))
     return fn(variables, x, targets, scorer, dynamic)
+
+
+def saliency_batched(method: str, model: Any, variables: Any, images: Any, targets: Any, *, batch_size: int = 16,
+                     **kwargs: Any) -> np.ndarray:
+    """:func:`saliency` of ``images (N, H, W, C)`` for ``targets (N,)`` in padded batches of ``batch_size``: ``(N, H, W)``.
+
+    Every batch has one shape (``data.pad_rows``), so a method compiles once whatever ``N``;
+    ``kwargs`` go to :func:`saliency`. Returns host float32 maps; non-finite maps raise
+    ``FloatingPointError`` naming the method.
+    """
+    x = np.asarray(images)
+    t = np.asarray(targets, np.int32).reshape(-1)
+    if len(t) != len(x):
+        raise ValueError(f"got {len(x)} images but {len(t)} targets")
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, valid = pad_rows(x[i:i + batch_size], batch_size)
+        tb, _ = pad_rows(t[i:i + batch_size], batch_size)
+        out.append(np.asarray(saliency(method, model, variables, xb, tb, **kwargs), np.float32)[valid])
+    maps = np.concatenate(out)
+    if not np.all(np.isfinite(maps)):
+        raise FloatingPointError(f"{method} at {kwargs.get('stage', 'last')} produced NaN/inf maps")
+    return maps
 
 
 def _images(images: Any) -> jax.Array:

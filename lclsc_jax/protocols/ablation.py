@@ -36,7 +36,8 @@ import numpy as np
 from lclsc_jax import data
 from lclsc_jax.evaluate import bootstrap_by_class, hierarchical_bootstrap, paired_bootstrap
 from lclsc_jax.evaluate.metrics import aggregate_folds
-from lclsc_jax.protocols import cam_benchmark, runs as runs_lib
+from lclsc_jax.protocols import cam_benchmark
+from lclsc_jax.protocols import runs as runs_lib
 from lclsc_jax.protocols.cross_validation import FOLD_PREDICTIONS, cross_validate, fold_name, format_ci, scalars
 from lclsc_jax.protocols.grids import ABLATION_GRIDS
 from lclsc_jax.protocols.runs import evaluate_run

@@ -175,17 +175,9 @@ def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[f
 
 def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
     """Saliency maps ``(N, H, W)`` in [0, 1] of ``x (N, H, W, C)`` in fixed-size (padded) batches."""
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb, valid = pad_rows(x[i:i + batch_size], batch_size)  # one shape: one compilation per (method, stage)
-        tb, _ = pad_rows(targets[i:i + batch_size], batch_size)
-        m = explain.saliency(method, run.model, run.variables, xb, tb.astype(np.int32),
-                             stage="last" if stage == INPUT_STAGE else stage,
-                             global_emb=run.global_emb, tau=run.cfg.loss.tau, **run.saliency_options(method))
-        out.append(np.asarray(m, np.float32)[valid])
-    maps = np.concatenate(out)
-    if not np.all(np.isfinite(maps)):
-        raise FloatingPointError(f"{method} at {stage} produced NaN/inf maps")
+    maps = explain.saliency_batched(method, run.model, run.variables, x, targets, batch_size=batch_size,
+                                    stage="last" if stage == INPUT_STAGE else stage, global_emb=run.global_emb,
+                                    tau=run.cfg.loss.tau, **run.saliency_options(method))
     return np.clip(maps, 0.0, 1.0)
 
 
@@ -398,14 +390,7 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     if not ds.has_masks:
         raise ValueError(f"the data of {workdir} ({run.cfg.data.source}) has no ground-truth masks; benchmark-cams "
                          "needs masks (the synthetic pCLE data ship them; a manifest can give a mask column)")
-    splits = runs.run_splits(workdir, run.cfg, ds)
-    if split == "all":
-        indices = np.arange(len(ds.labels), dtype=np.int64)
-    elif split in splits and len(splits[split]):
-        indices = np.asarray(splits[split], np.int64)
-    else:
-        raise ValueError(f"split {split!r} is empty or unknown; choose from {sorted(k for k in splits if len(splits[k]))} "
-                         "or 'all'")
+    indices = runs.split_indices(split, runs.run_splits(workdir, run.cfg, ds), len(ds.labels))
     idx = select_images(indices, max_images) if max_images else np.asarray(indices, np.int64)
     recs = [ds.source[int(i)] for i in idx]
     images = np.stack([r["image"] for r in recs])

@@ -36,8 +36,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lclsc_jax import evaluate, explain
-from lclsc_jax.data import normalize_images, pad_rows
 from lclsc_jax.data import corruptions as K
+from lclsc_jax.data import normalize_images
 from lclsc_jax.protocols import runs
 from lclsc_jax.protocols.cam_benchmark import select_images
 from lclsc_jax.train import loop
@@ -71,16 +71,6 @@ def check_severities(severities: Sequence[int] | None) -> list[int]:
     return sev
 
 
-def _split_indices(split: str, splits: dict[str, np.ndarray], n: int) -> np.ndarray:
-    """Record indices ``(M,)`` of ``split`` (``all``: every record); an empty or unknown split is a ``ValueError``."""
-    if split == "all":
-        return np.arange(n, dtype=np.int64)
-    if split in splits and len(splits[split]):
-        return np.asarray(splits[split], np.int64)
-    raise ValueError(f"split {split!r} is empty or unknown; choose from {sorted(k for k in splits if len(splits[k]))} "
-                     "or 'all'")
-
-
 def _check_reference(run: runs.TrainedRun, ref: runs.TrainedRun, ds: Any, indices: np.ndarray, split: str) -> list[str]:
     """Refuse a reference that cannot score the run's frames (other classes or image shape) or trained on them.
 
@@ -111,16 +101,9 @@ def _check_reference(run: runs.TrainedRun, ref: runs.TrainedRun, ds: Any, indice
 
 def _maps(run: runs.TrainedRun, method: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
     """Saliency maps ``(N, H, W)`` in [0, 1] of normalised ``x (N, H, W, C)`` at the last stage, fixed-size batches."""
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb, valid = pad_rows(x[i:i + batch_size], batch_size)  # one shape: one compilation per method
-        tb, _ = pad_rows(targets[i:i + batch_size], batch_size)
-        m = explain.saliency(method, run.model, run.variables, xb, tb.astype(np.int32), stage="last",
-                             global_emb=run.global_emb, tau=run.cfg.loss.tau, **run.saliency_options(method))
-        out.append(np.asarray(m, np.float32)[valid])
-    maps = np.concatenate(out)
-    if not np.all(np.isfinite(maps)):
-        raise FloatingPointError(f"{method} produced NaN/inf maps")
+    maps = explain.saliency_batched(method, run.model, run.variables, x, targets, batch_size=batch_size,
+                                    stage="last", global_emb=run.global_emb, tau=run.cfg.loss.tau,
+                                    **run.saliency_options(method))
     return np.clip(maps, 0.0, 1.0)
 
 
@@ -270,7 +253,7 @@ def evaluate_robustness(workdir: str, reference: str | None = None, corruptions:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
     run = runs.load_run(workdir, which)
     ds = loop.load_dataset(run.cfg)
-    indices = _split_indices(split, runs.run_splits(workdir, run.cfg, ds), len(ds.labels))
+    indices = runs.split_indices(split, runs.run_splits(workdir, run.cfg, ds), len(ds.labels))
     notes: list[str] = []
     ref = runs.load_run(reference, "best") if reference else None
     if ref is not None:

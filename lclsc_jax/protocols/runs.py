@@ -159,6 +159,16 @@ def label_map(data_classes: Sequence[str], run_classes: Sequence[str]) -> np.nda
     return np.asarray([list(run_classes).index(c) for c in data_classes], np.int64)
 
 
+def split_indices(split: str, splits: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Record indices ``(M,)`` of ``split`` in ``splits`` (``all``: every one of ``n`` records); an empty or unknown split is a ``ValueError``."""
+    if split == "all":
+        return np.arange(n, dtype=np.int64)
+    if split in splits and len(splits[split]):
+        return np.asarray(splits[split], np.int64)
+    raise ValueError(f"split {split!r} is empty or unknown; choose from {sorted(k for k in splits if len(splits[k]))} "
+                     "or 'all'")
+
+
 def run_splits(workdir: str, cfg: Config, ds: Any) -> dict[str, np.ndarray]:
     """The record indices a run trained with (saved in ``splits.json``), else the config's split."""
     with open(os.path.join(workdir, "splits.json")) as f:

@@ -46,7 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lclsc_jax import explain
-from lclsc_jax.data import Dataset, normalize_images, pad_rows
+from lclsc_jax.data import Dataset, normalize_images
 from lclsc_jax.evaluate.similarity import SIMILARITIES, map_similarities, summarize
 from lclsc_jax.explain import registry
 from lclsc_jax.protocols import runs
@@ -206,17 +206,8 @@ def default_methods(has_gei: bool) -> tuple[str, ...]:
 def _maps(model: Any, variables: Any, global_emb: Any, tau: float, method: str, stage: str, x: np.ndarray,
           targets: np.ndarray, batch_size: int, normalize: bool, options: Mapping[str, Any]) -> np.ndarray:
     """Maps ``(N, H, W)`` of ``x (N, H, W, C)`` in fixed-size (padded) batches; ``normalize=False``: raw."""
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb, valid = pad_rows(x[i:i + batch_size], batch_size)
-        tb, _ = pad_rows(targets[i:i + batch_size], batch_size)
-        m = explain.saliency(method, model, variables, xb, tb.astype(np.int32), stage=stage, normalize=normalize,
-                             global_emb=global_emb, tau=tau, **options)
-        out.append(np.asarray(m, np.float32)[valid])
-    maps = np.concatenate(out)
-    if not np.all(np.isfinite(maps)):
-        raise FloatingPointError(f"{method} at {stage} produced NaN/inf maps")
-    return maps
+    return explain.saliency_batched(method, model, variables, x, targets, batch_size=batch_size, stage=stage,
+                                    normalize=normalize, global_emb=global_emb, tau=tau, **options)
 
 
 def _stats(shown0: np.ndarray, raw0: np.ndarray, shown: np.ndarray, raw: np.ndarray) -> dict[str, Any]:
@@ -483,13 +474,7 @@ def sanity_checks(workdir: str, methods: Sequence[str] | None = None, stage: str
     methods = _check_methods(list(methods) if methods else default_methods(has_gei), has_gei)
     ds = loop.load_dataset(run.cfg)
     splits = runs.run_splits(workdir, run.cfg, ds)
-    if split == "all":
-        indices = np.arange(len(ds.labels), dtype=np.int64)
-    elif split in splits and len(splits[split]):
-        indices = np.asarray(splits[split], np.int64)
-    else:
-        known = sorted(k for k in splits if len(splits[k]))
-        raise ValueError(f"split {split!r} is empty or unknown; choose from {known} or 'all'")
+    indices = runs.split_indices(split, splits, len(ds.labels))
     idx = select_images(indices, max_images)
     recs = [ds.source[int(i)] for i in idx]
     images = np.stack([r["image"] for r in recs])
