@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ from lclsc_jax.evaluate import plots
 from lclsc_jax.train import loop
 from lclsc_jax.train import predict as predict_lib
 from lclsc_jax.train import sharding as shd
+from lclsc_jax.train import steps as steps_lib
 from lclsc_jax.train.checkpoint import Checkpointer
 from lclsc_jax.train.config import Config, from_dict, uses_gei
 from lclsc_jax.train.state import TrainState
@@ -31,6 +33,11 @@ class TrainedRun:
     mesh: jax.sharding.Mesh
     step: int
     workdir: str
+
+    @functools.cached_property
+    def eval_step(self) -> Any:
+        """The run's compiled eval step (one trace per run, however many ``predict`` calls)."""
+        return steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model, self.cfg), self.mesh)
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -195,7 +202,7 @@ def predict(run: TrainedRun, data_or_images: Any, indices: np.ndarray | None = N
         if indices is None:
             raise ValueError("predict on a Dataset needs the record indices (e.g. run_splits(...)['test'])")
         batches = data.eval_batches(data_or_images, indices, batch_size)
-    return predict_lib.predict_batches(run.cfg, run.model, run.state, run.mesh, batches)
+    return predict_lib.predict_batches(run.cfg, run.model, run.state, run.mesh, batches, run.eval_step)
 
 
 def predict_files(workdir: str, paths: Sequence[str], which: str = "best") -> list[dict[str, Any]]:
