@@ -74,13 +74,28 @@ def test_paper_preset_is_the_study_and_validates(tmp_path):
     assert "loss.alpha" not in groups["lcl_sc"]  # the config's default, -1
     ks = {g: (o.get("loss.k_max", 0.1), o.get("loss.k_min", 0.1)) for g, o in groups.items() if g.startswith("lcl_sc")}
     assert {k for k, m in ks.values() if k == m} >= {0.01, 0.05, 0.1, 0.25}
-    assert len(runs) == len(groups) * len(d["seeds"]) * len(d["split_seeds"])
+    # The objectives get the preset's seeds; the SC ablations their own (one on the 2-core machine)
+    # unless --seeds sets every sub-grid's.
+    per_group = {g: sorted(r["seed"] for r in runs if r["group"] == g) for g in groups}
+    assert all(per_group[g] == d["seeds"] for g in ("ce", "supcon", "lcl", "lcl_sc"))
+    assert all(len(per_group[g]) >= 1 for g in groups)
+    assert len(P.expand_grid(grid, [0, 1, 2], d["split_seeds"])) == len(groups) * 3 * len(d["split_seeds"])
+    assert {"lcl_sc_consistency", "lcl_sc_decomposed"} <= set(groups)
     P.write_plan(str(tmp_path), runs, d["base_config"], folds=d["folds"], saliency_images=0)  # every config loads
     from lclsc_jax.train import config as C
 
     cfg = C.load(d["base_config"], P.run_overrides(runs[0], {}))
     assert cfg.model.arch == "tiny" and cfg.train.steps <= 500 and cfg.data.image_size <= 64
     assert C.load(d["base_config"], P.run_overrides(next(r for r in runs if r["group"] == "lcl_sc"), {})).loss.alpha == -1
+
+
+def test_sub_grids_keep_their_own_seeds_unless_seeds_are_given():
+    grid = [{"variants": {"a": {}}, "seeds": [0, 1]}, {"variants": {"b": {}}, "seeds": [5]}, {"variants": {"c": {}}}]
+    names = [r["name"] for r in P.expand_grid(grid)]
+    assert names == ["a__seed=0", "a__seed=1", "b__seed=5", "c__seed=0", "c__seed=1"]  # c: the first's
+    assert [r["seed"] for r in P.expand_grid(grid, seeds=[7])] == [7, 7, 7]
+    with pytest.raises(ValueError, match="at least one seed"):
+        P.expand_grid([{"variants": {"a": {}}, "seeds": []}])
 
 
 def test_list_of_grids_concatenates_and_drops_duplicates():
@@ -408,6 +423,10 @@ def test_table_pairs_by_replicate_and_says_what_stands_behind_each_number(tmp_pa
     assert "| lcl_sc | 0, 1 | 0, 1 | 4 | – | 6 | 24 | 24 |" in md
     assert "| lcl_sc − ce | 4 | 6 | 24 | +0.100 [+0.100, +0.100] |" in md
     assert "| lcl_sc − ce | gradcam.dice@area | +0.100 [+0.100, +0.100] | -0.200 [-0.200, -0.200] |" in md
+    # The smallest detectable difference: 2.80 x the bootstrap SE (0 for the constant accuracy shift).
+    assert got["detectable"] == pytest.approx(2.8016 * got["se"], rel=1e-3) and got["detectable"] > 0
+    assert "Smallest difference the study could detect" in md
+    assert f"| lcl_sc − ce | ±0.000 | ±{got['detectable']:.3f} |" in md
     assert "## Class-blind floor" in md and "blind:random" in md
     with open(tmp_path / "ablation_paired.csv") as f:
         table = list(csv.DictReader(f))

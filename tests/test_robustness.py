@@ -374,6 +374,14 @@ def test_cli_robustness_end_to_end(tiny_run, tmp_path, capsys):
         assert rows[key]["accuracy"] == pytest.approx(accuracy_score(labels, pred))
         assert rows[key]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
         assert rows[key]["error"] == pytest.approx(1 - accuracy_score(labels, pred))
+    # Each frame's correctness, for intervals over patients: the same predictions, rows named.
+    fr = np.load(os.path.join(out, "frames.npz"))
+    assert list(fr["conditions"]) == ["clean/0", "gamma/1", "gamma/5", "noise/1", "noise/5"]
+    assert fr["correct"].shape == fr["reference_correct"].shape == (5, len(test_idx))
+    np.testing.assert_array_equal(fr["indices"], test_idx)
+    np.testing.assert_array_equal(fr["patients"], np.asarray(ds.patients)[test_idx].astype(str))
+    np.testing.assert_array_equal(fr["correct"][2], runs.predict(run, gam5)["probs"].argmax(1) == labels)
+    assert meta["files"]["frames"] == "frames.npz"
     # Grad-CAM Dice at the mask's area on the clean frames, by hand: top-k of the disc, k = the mask's area.
     sal = np.asarray(meta["saliency_indices"])
     assert 0 < len(sal) <= 4 and set(sal) <= set(test_idx.tolist())

@@ -196,3 +196,21 @@ def test_bad_shapes():
         S.paired_bootstrap(np.zeros((2, 4)), np.zeros((1, 4)), ["a"] * 4)
     with pytest.raises(ValueError, match="inf"):
         S.hierarchical_bootstrap(np.array([1.0, np.inf]), ["a", "b"])
+
+
+def test_detectable_difference_has_the_stated_power():
+    # The power of a two-sided z-test at the returned difference, from the normal CDF (not from ppf).
+    for conf, power, se in ((0.95, 0.8, 0.05), (0.9, 0.9, 0.2)):
+        d = S.detectable_difference(se, conf, power)
+        z = stats.norm.isf((1 - conf) / 2)
+        got = stats.norm.cdf(d / se - z) + stats.norm.cdf(-d / se - z)
+        assert got == pytest.approx(power, abs=1e-3)
+    assert S.detectable_difference(0.1) == pytest.approx(0.28, abs=2e-3)  # the textbook 2.8 SE
+    rng = np.random.default_rng(0)
+    pat = np.repeat(np.arange(10), 4)
+    res = S.paired_bootstrap(rng.normal(size=40), rng.normal(size=40), pat, n_boot=300)
+    assert res["detectable"] == pytest.approx(S.detectable_difference(res["se"]))
+    with pytest.raises(ValueError):
+        S.detectable_difference(-1.0)
+    with pytest.raises(ValueError):
+        S.detectable_difference(0.1, power=1.0)

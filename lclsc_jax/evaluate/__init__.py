@@ -55,6 +55,7 @@ from lclsc_jax.evaluate.shortcuts import BLIND_MAPS, blind_map, global_statistic
 from lclsc_jax.evaluate.statistics import (
     bootstrap_by_class,
     bootstrap_weights,
+    detectable_difference,
     hierarchical_bootstrap,
     paired_bootstrap,
     patient_labels,
@@ -93,6 +94,7 @@ __all__ = [
     "blind_map",
     "bootstrap_by_class",
     "bootstrap_weights",
+    "detectable_difference",
     "calibration_bins",
     "class_specificity",
     "classification_metrics",

@@ -96,9 +96,13 @@ def grid_defaults(grid: Any) -> dict[str, Any]:
     return {k: first[k] for k in GRID_KEYS if k in first and k not in ("variants", "axes", "overrides")}
 
 
-def expand_grid(grid: Any, seeds: Sequence[int] = (0,),
+def expand_grid(grid: Any, seeds: Sequence[int] | None = None,
                 split_seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Runs of ``variants x product(axes) x split_seeds x seeds``: ``[{name, group, split_seed, seed, overrides}]``.
+
+    ``seeds``: the training seeds of every sub-grid; None gives each sub-grid its own ``seeds``
+    (else the first sub-grid's, else ``[0]``), so a preset can afford fewer seeds for its side
+    ablations while ``--seeds`` on a cluster still sets them all.
 
     ``group`` is the variant plus its axis values (``lcl_sc__loss.tau=0.05``), ``name`` adds the
     replicate (``..__split=1__seed=0``; without ``split_seeds`` just ``..__seed=0`` and
@@ -106,13 +110,17 @@ def expand_grid(grid: Any, seeds: Sequence[int] = (0,),
     ``overrides`` (weaker than a sweep's ``base_overrides``), ``overrides`` the variant's, the axis
     values, ``data.split_seed`` and the seed. Duplicate names are dropped; the order is fixed.
     """
-    if not seeds:
+    default_seeds = grid_defaults(grid).get("seeds", [0])
+    if seeds is not None and not len(seeds):
         raise ValueError("need at least one seed")
     if split_seeds is not None and not len(split_seeds):
         raise ValueError("split_seeds must be None or a non-empty list")
     splits: list[int | None] = [None] if split_seeds is None else [int(s) for s in split_seeds]
     runs: dict[str, dict[str, Any]] = {}
     for g in _subgrids(grid):
+        g_seeds = seeds if seeds is not None else g.get("seeds", default_seeds)
+        if not len(g_seeds):
+            raise ValueError("need at least one seed")
         axes = dict(g.get("axes") or {})
         for key, values in axes.items():
             if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
@@ -122,7 +130,7 @@ def expand_grid(grid: Any, seeds: Sequence[int] = (0,),
                 point = dict(zip(axes, combo))
                 group = "__".join([variant] + [f"{k}={_value_name(v)}" for k, v in point.items()])
                 for split in splits:
-                    for seed in seeds:
+                    for seed in g_seeds:
                         rep = ([] if split is None else [f"split={split}"]) + [f"seed={int(seed)}"]
                         name = "__".join([group, *rep])
                         overrides = {**dict(var_over), **point, **({} if split is None else {"data.split_seed": split}),
@@ -413,7 +421,7 @@ def run_ablation(grid: Any, out_dir: str, workers: int = 1, seeds: Sequence[int]
             raise ValueError(f"unknown ablation grid {grid!r}; expected one of {sorted(ABLATION_GRIDS)}")
         grid = ABLATION_GRIDS[grid]
     d = grid_defaults(grid)
-    seeds = list(seeds if seeds is not None else d.get("seeds", [0]))
+    seeds = None if seeds is None else list(seeds)  # None: each sub-grid's own (expand_grid)
     split_seeds = split_seeds if split_seeds is not None else d.get("split_seeds")
     base_config = base_config or d.get("base_config", "demo")
     folds = d.get("folds") if folds is None else folds
@@ -795,6 +803,14 @@ def ablation_table(out_dir: str, confidence: float = 0.95, reference: str = "ce"
         for group, d in boot_pairs.items():
             lines.append(f"| {group} − {reference} | {len(d['replicates'])} | {d['n_patients']} | {d['n_frames']} | "
                          + " | ".join(_fmt_boot(d["bootstrap"].get(c), signed=True) for c in boot_cols) + " |")
+        lines += ["", "Smallest difference the study could detect (80% power, two-sided 5%: 2.80 x the bootstrap "
+                  "standard error of each paired difference; `evaluate.detectable_difference`). An interval that "
+                  "includes 0 rules out differences much larger than this, not the difference itself.", "",
+                  "| run | " + " | ".join(boot_cols) + " |", "|---|" + "---|" * len(boot_cols)]
+        for group, d in boot_pairs.items():
+            cells = [d["bootstrap"].get(c, {}).get("detectable") if d["bootstrap"].get(c) else None for c in boot_cols]
+            lines.append(f"| {group} − {reference} | " + " | ".join("–" if v is None else f"±{v:.3f}" for v in cells)
+                         + " |")
         class_metrics = [c for c in ("accuracy", "gradcam.dice@area", "sc.dice@area") if c in boot_cols]
         classes = list(dict.fromkeys(c for d in boot_pairs.values() for c in d.get("per_class", {})))
         if classes and class_metrics:
@@ -902,7 +918,7 @@ def ablation_command(args: argparse.Namespace) -> int:
     else:
         grid = ABLATION_GRIDS[args.preset]
     d = grid_defaults(grid)
-    seeds = args.seeds or d.get("seeds", [0])
+    seeds = args.seeds  # None: each sub-grid's own seeds
     split_seeds = getattr(args, "split_seeds", None) or d.get("split_seeds")
     base = args.config or d.get("base_config", "demo")
     base_overrides = C.parse_overrides(args.set)

@@ -107,12 +107,31 @@ def _maps(run: runs.TrainedRun, method: str, x: np.ndarray, targets: np.ndarray,
     return np.clip(maps, 0.0, 1.0)
 
 
-def _classify(run: runs.TrainedRun, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and balanced accuracy of ``run`` on uint8 ``images (N, H, W, C)`` with ``labels (N,)``."""
+def _classify(run: runs.TrainedRun, images: np.ndarray, labels: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy and balanced accuracy of ``run`` on uint8 ``images (N, H, W, C)`` with ``labels (N,)``, and
+    each frame's correctness ``(N,)``."""
     probs = runs.predict(run, images)["probs"]
-    pred = np.argmax(probs, axis=1)
-    recalls = [float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)]
-    return {"accuracy": float(np.mean(pred == labels)), "balanced_accuracy": float(np.mean(recalls))}
+    correct = np.argmax(probs, axis=1) == labels
+    recalls = [float(np.mean(correct[labels == c])) for c in np.unique(labels)]
+    return {"accuracy": float(np.mean(correct)), "balanced_accuracy": float(np.mean(recalls))}, correct
+
+
+def _write_frames(path: str, correct: dict[tuple[str, int], np.ndarray], ref_correct: dict[tuple[str, int], np.ndarray],
+                  names: Sequence[str], sev: Sequence[int], patients: np.ndarray, labels: np.ndarray,
+                  indices: np.ndarray) -> None:
+    """Each frame's correctness per condition, for intervals over patients (``frames_correct``).
+
+    ``correct (1 + C*S, N)``: row 0 the clean frames, then corruption-major rows in ``names`` x ``sev``
+    order (``conditions`` names them ``"clean/0"``, ``"noise/1"``, ...); ``reference_correct`` the
+    same for the reference run (absent without one); ``patients``, ``labels`` and the dataset
+    ``indices`` of the N frames.
+    """
+    keys = [("clean", 0)] + [(c, s) for c in names for s in sev]
+    arrays = {"correct": np.stack([correct[k] for k in keys]), "conditions": np.array([f"{c}/{s}" for c, s in keys]),
+              "patients": np.asarray(patients).astype(str), "labels": labels, "indices": np.asarray(indices)}
+    if ref_correct:
+        arrays["reference_correct"] = np.stack([ref_correct[k] for k in keys])
+    np.savez_compressed(path, **arrays)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -281,6 +300,8 @@ def evaluate_robustness(workdir: str, reference: str | None = None, corruptions:
     strip_pos = int(loc[0]) if len(loc) else 0
     rows: list[dict[str, Any]] = []
     ref_acc: dict[tuple[str, int], float] = {}
+    correct: dict[tuple[str, int], np.ndarray] = {}
+    ref_correct: dict[tuple[str, int], np.ndarray] = {}
 
     def score(corruption: str, severity: int, corrupted: np.ndarray) -> dict[str, Any]:
         """The row of one corruption x severity (classification, PSNR, saliency; the reference's error)."""
@@ -289,10 +310,12 @@ def evaluate_robustness(workdir: str, reference: str | None = None, corruptions:
                                "n_saliency": int(len(loc)), "psnr": K.psnr(images, corrupted, fov)}
         if not np.isfinite(row["psnr"]):  # the clean frames: no noise to measure (JSON has no inf)
             row["psnr"] = None
-        row.update(_classify(run, corrupted, labels))
+        scores, correct[(corruption, severity)] = _classify(run, corrupted, labels)
+        row.update(scores)
         row["error"] = 1.0 - row["accuracy"]
         if ref is not None:
-            ref_acc[(corruption, severity)] = _classify(ref, corrupted, labels)["accuracy"]
+            scores, ref_correct[(corruption, severity)] = _classify(ref, corrupted, labels)
+            ref_acc[(corruption, severity)] = scores["accuracy"]
             row["reference_error"] = 1.0 - ref_acc[(corruption, severity)]
         x = normalize_images(corrupted[loc])
         for m in SALIENCY_METHODS:
@@ -341,6 +364,8 @@ def evaluate_robustness(workdir: str, reference: str | None = None, corruptions:
         "seed": seed, "fov": "inscribed disc" if circular else "whole frame", "clean": clean,
         "corruption_error": ce, "rows": rows, "notes": notes, "files": {}}
     _write_csv(paths["csv"], rows)
+    _write_frames(os.path.join(out_dir, "frames.npz"), correct, ref_correct, names, sev,
+                  np.asarray(ds.patients)[indices], labels, indices)
     with open(paths["md"], "w") as f:
         f.write(_markdown(meta, rows, names, sev))
     if figures:
@@ -348,6 +373,6 @@ def evaluate_robustness(workdir: str, reference: str | None = None, corruptions:
                                                                   os.path.join(out_dir, "robustness.png")))
         meta["files"]["examples"] = os.path.basename(_examples_figure(
             strip, masks[strip_pos] if masks is not None else None, sev, os.path.join(out_dir, "examples.png")))
-    meta["files"].update({k: os.path.basename(p) for k, p in paths.items()})
+    meta["files"].update({k: os.path.basename(p) for k, p in paths.items()}, frames="frames.npz")
     loop.write_json(paths["json"], meta)
     return meta
