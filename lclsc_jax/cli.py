@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip class specificity (true- vs wrong-class maps; halves the cost of expensive methods)")
     p.add_argument("--no-fov", action="store_true",
                    help="score maps over the whole frame, not only inside pCLE's circular field of view")
+    p.add_argument("--pointing-ties", default="first", choices=["first", "any"],
+                   help="pointing game with tied maxima: the first in raster order (default; a flat map misses) or "
+                        "any maximum (Quantus; a flat map hits)")
     p.add_argument("--out", help="output directory (default: WORKDIR/cam_benchmark)")
     _add_checkpoint(p)
 
@@ -541,7 +544,7 @@ def _benchmark_cams(args: argparse.Namespace) -> int:
                                         faithfulness_metrics=args.faithfulness_metrics,
                                         faithfulness_score=args.faithfulness_score,
                                         specificity=not args.no_specificity,
-                                        fov=not args.no_fov)
+                                        fov=not args.no_fov, pointing_ties=args.pointing_ties)
     with open(os.path.join(out, "cam_benchmark.md")) as f:
         print(f.read())
     return 0 if rows and not all(r["error"] for r in rows) else 1

@@ -214,3 +214,33 @@ def test_cli_no_fov_scores_the_whole_frame(tmp_path, monkeypatch):
     assert cli.main(["benchmark-cams", "--workdir", str(tmp_path), "--out", out]) == 0 and seen["fov"] is True
     assert cli.main(["benchmark-cams", "--workdir", str(tmp_path), "--out", out, "--no-fov"]) == 0
     assert seen["fov"] is False
+
+
+def test_pointing_ties_any_counts_every_maximum(tiny_run, tmp_path):
+    kw = dict(methods=["gradcam"], stages=["last"], max_images=4, blind=(), specificity=False, figure_images=0,
+              progress=False)
+    first = cb.benchmark_cams(tiny_run, out_dir=str(tmp_path / "f"), **kw)[0]
+    anyr = cb.benchmark_cams(tiny_run, out_dir=str(tmp_path / "a"), pointing_ties="any", **kw)[0]
+    meta = json.load(open(tmp_path / "a" / "cam_benchmark.json"))
+    assert meta["pointing_ties"] == "any"
+    # Independent: every maximal pixel of each map inside the field of view, a hit if one is on the mask.
+    run = runs.load_run(tiny_run)
+    ds = loop.load_dataset(run.cfg)
+    recs = [ds.source[int(i)] for i in meta["indices"]]
+    x = data.normalize_images(np.stack([r["image"] for r in recs]))
+    y = np.array([r["label"] for r in recs], np.int32)
+    maps = np.asarray(explain.saliency("gradcam", run.model, run.variables, x, y, stage="last",
+                                       global_emb=run.global_emb, tau=run.cfg.loss.tau))
+    h = x.shape[1]
+    c = (np.arange(h) + 0.5) / h - 0.5
+    fov = (c[:, None] ** 2 + c[None, :] ** 2) <= 0.25
+    hits = []
+    for m, r in zip(maps, recs):
+        gt = (r["mask"] > 0) & fov
+        if gt.any():
+            peak = fov & (m == m[fov].max())
+            hits.append(bool((peak & gt).any()))
+    assert anyr["pointing_game"] == pytest.approx(np.mean(hits))
+    assert anyr["pointing_game"] >= first["pointing_game"]
+    with pytest.raises(ValueError, match="pointing_ties must be one of"):
+        cb.benchmark_cams(tiny_run, pointing_ties="all", **kw)

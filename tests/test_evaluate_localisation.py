@@ -125,6 +125,28 @@ def test_pointing_game_with_tolerance():
     assert pointing_game(s, gt, valid=valid)
 
 
+def test_pointing_game_ties_first_in_raster_order_or_any_maximum():
+    gt = _square(8, 8, 6, 6, 7, 7)  # bottom-right corner
+    s = np.zeros((8, 8))
+    s[0, 0] = s[7, 7] = 1.0  # two maxima: the first (raster order) far from the GT, the second on it
+    assert not pointing_game(s, gt) and not pointing_game(s, gt, ties="first")
+    assert pointing_game(s, gt, ties="any")
+    flat = np.full((8, 8), 0.5)
+    assert not pointing_game(flat, gt, ties="first") and pointing_game(flat, gt, ties="any")  # Quantus: a hit
+    assert not pointing_game(flat, np.zeros((8, 8), bool), ties="any")  # an empty GT is a miss either way
+    valid = np.ones((8, 8), bool)
+    valid[7, 7] = False  # the on-GT maximum outside the field of view does not count
+    assert not pointing_game(s, gt, ties="any", valid=valid)
+    s[1, 1] = 1.0  # a third maximum, 5 px from the GT's (6, 6): a hit with tolerance, for "any" only
+    assert pointing_game(s, gt, ties="any", tolerance=5 * 2**0.5) and not pointing_game(s, gt, tolerance=7.0)
+    maps = np.stack([s, flat])
+    res = localisation_metrics(maps, np.stack([gt, gt]), thresholds=(), otsu=False, pointing_ties="any")
+    assert res["pointing_game"] == 1.0
+    assert localisation_metrics(maps, np.stack([gt, gt]), thresholds=(), otsu=False)["pointing_game"] == 0.0
+    with pytest.raises(ValueError, match="ties must be one of"):
+        pointing_game(s, gt, ties="all")
+
+
 def test_energy_pointing_game_hand_computed():
     gt = _square(4, 4, 0, 0, 0, 1)
     s = np.zeros((4, 4))

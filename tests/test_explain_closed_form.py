@@ -267,15 +267,22 @@ def _input_grad(v, x: np.ndarray, target: int, use_relu: bool = True) -> np.ndar
     return g_stem @ p1.T, g_stem, g_bn
 
 
-def test_gradient_closed_form(setup):
+@pytest.mark.parametrize("channels", ["max_abs", "sum", None])  # None: the default, Simonyan's max_c |.|
+def test_gradient_closed_form(setup, channels):
     model, v, x, _, _, targets = setup
     xs = np.asarray(x, np.float64)
-    want = np.stack([_input_grad(v, xs[b], targets[b])[0].sum(-1) for b in range(2)])
-    got = np.asarray(explain.saliency("gradient", model, v, x, targets, normalize=False))
+    grads = np.stack([_input_grad(v, xs[b], targets[b])[0] for b in range(2)])  # (B, H, W, C)
+    want = grads.sum(-1) if channels == "sum" else np.abs(grads).max(-1)
+    opts = {} if channels is None else {"channels": channels}
+    got = np.asarray(explain.saliency("gradient", model, v, x, targets, normalize=False, **opts))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     norm = np.abs(want) - np.abs(want).min((1, 2), keepdims=True)
-    np.testing.assert_allclose(np.asarray(explain.saliency("gradient", model, v, x, targets)),
+    np.testing.assert_allclose(np.asarray(explain.saliency("gradient", model, v, x, targets, **opts)),
                                norm / norm.max((1, 2), keepdims=True), atol=1e-5)
+    if channels == "sum":  # on C_IN > 1 channels the two conventions are different maps
+        assert not np.allclose(np.abs(want), np.abs(grads).max(-1), atol=1e-4)
+    with pytest.raises(ValueError, match="channels must be one of"):
+        explain.saliency("gradient", model, v, x, targets, channels="mean")
 
 
 def test_smoothgrad_equals_gradient_on_a_linear_model():

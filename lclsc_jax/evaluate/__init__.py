@@ -25,6 +25,7 @@ from lclsc_jax.evaluate.faithfulness import (
     target_scores,
 )
 from lclsc_jax.evaluate.localisation import (
+    POINTING_TIES,
     area_binarize,
     average_precision,
     bbox_iou,
@@ -82,6 +83,7 @@ from lclsc_jax.evaluate.plots import (
 __all__ = [
     "BLIND_MAPS",
     "ECE_BINS",
+    "POINTING_TIES",
     "ROAD_NEIGHBOUR_WEIGHTS",
     "SCORE_KINDS",
     "SIMILARITIES",

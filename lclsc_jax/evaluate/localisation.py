@@ -32,6 +32,7 @@ from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 
 __all__ = [
+    "POINTING_TIES",
     "area_binarize",
     "average_precision",
     "bbox_iou",
@@ -248,11 +249,17 @@ def bbox_iou(pred: Any, gt: Any) -> float:
 # -------------------------------------------------------------------- pointing games
 
 
-def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = None) -> bool:
-    """Hit if the map's maximum (H, W; first in raster order) lies within ``tolerance`` px of a GT pixel.
+#: How ``pointing_game`` treats several pixels at the maximum: the first in raster order, or any of them.
+POINTING_TIES: tuple[str, ...] = ("first", "any")
 
-    Follows Zhang et al. (2018); distances are Euclidean in pixels. A flat map (no
-    maximum) and an empty GT are misses.
+
+def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = None, ties: str = "first") -> bool:
+    """Hit if the map's maximum (H, W) lies within ``tolerance`` px of a GT pixel (Zhang et al. 2018).
+
+    Distances are Euclidean in pixels; an empty GT is a miss. ``ties``: with ``"first"`` (default)
+    the maximum is the first maximal pixel in raster order (``argmax``) and a flat map (no maximum)
+    is a miss; with ``"any"`` any maximal pixel near the GT is a hit, so a flat map is a hit
+    whenever the GT is not empty (Quantus' ``PointingGame``, whose flat maps score hits).
     """
     s = _check_map(saliency)
     if s.ndim != 2:
@@ -260,13 +267,20 @@ def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = N
     g = _check_mask(gt, s.shape, "gt")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if ties not in POINTING_TIES:
+        raise ValueError(f"ties must be one of {POINTING_TIES}, got {ties!r}")
     v = _as_valid(valid, s.shape)
     vals = s[v]
-    if not g.any() or vals.size == 0 or vals.max() == vals.min():
+    if not g.any() or vals.size == 0 or (ties == "first" and vals.max() == vals.min()):
         return False
-    r, c = np.unravel_index(int(np.argmax(np.where(v, s, -np.inf))), s.shape)
-    gr, gc = np.nonzero(g)
-    return bool(np.min((gr - r) ** 2 + (gc - c) ** 2) <= tolerance**2)
+    if ties == "first":
+        r, c = np.unravel_index(int(np.argmax(np.where(v, s, -np.inf))), s.shape)
+        peaks = np.array([[r, c]])
+    else:
+        peaks = np.argwhere(v & (s == vals.max()))
+    gt_px = np.argwhere(g)
+    d2 = ((peaks[:, None, :] - gt_px[None, :, :]) ** 2).sum(-1)
+    return bool(d2.min() <= tolerance**2)
 
 
 def energy_pointing_game(saliency: Any, gt: Any, valid: Any = None) -> float:
@@ -304,6 +318,7 @@ def localisation_metrics(
     tolerance: float = 0.0,
     return_per_image: bool = False,
     area: bool = True,
+    pointing_ties: str = "first",
 ) -> dict[str, Any]:
     """Mean localisation scores of ``maps (N, H, W)`` in [0, 1] against ``masks (N, H, W)``.
 
@@ -313,7 +328,7 @@ def localisation_metrics(
     ``"area"``: each map's top-k valid pixels with k the GT's area (``area_binarize``).
     ``pr_auc`` is the mean per-image average precision (``average_precision``). Images whose GT
     mask is empty (within ``valid``) are excluded from every mean and counted in
-    ``n_empty_gt``. With ``return_per_image`` a ``per_image`` entry holds the
+    ``n_empty_gt``. ``pointing_ties``: ``pointing_game``'s ``ties``. With ``return_per_image`` a ``per_image`` entry holds the
     per-image values (None for excluded images).
     """
     s = _check_map(maps, "maps")
@@ -333,7 +348,8 @@ def localisation_metrics(
     n = s.shape[0]
     keep = g.reshape(n, -1).any(axis=1)
     per_image: dict[str, Any] = {
-        "pointing_game": [pointing_game(s[i], g[i], tolerance, v[i]) if keep[i] else None for i in range(n)],
+        "pointing_game": [pointing_game(s[i], g[i], tolerance, v[i], pointing_ties) if keep[i] else None
+                          for i in range(n)],
         "energy_pointing_game": [energy_pointing_game(s[i], g[i], v[i]) if keep[i] else None for i in range(n)],
         "pr_auc": [average_precision(s[i], g[i], v[i]) if keep[i] else None for i in range(n)],
         "thresholds": {},

@@ -36,10 +36,22 @@ def _targets(ex: Explainer, x: jax.Array, targets: jax.Array | None) -> jax.Arra
     return ex.targets(ex.forward(x), targets, x.shape[0])
 
 
-def gradient(ex: Explainer, x: jax.Array, targets: jax.Array | None) -> jax.Array:
-    """Vanilla gradient (Simonyan et al. 2014): channel sum of ``dS/dx``, ``(B, *S)``."""
+#: How ``gradient`` reduces the channels of ``dS/dx``: Simonyan's ``max_c |dS/dx_c|`` or the signed sum.
+GRADIENT_CHANNELS: tuple[str, ...] = ("max_abs", "sum")
+
+
+def gradient(ex: Explainer, x: jax.Array, targets: jax.Array | None, channels: str = "max_abs") -> jax.Array:
+    """Vanilla gradient ``(B, *S)``: ``max_c |dS/dx_c|`` (Simonyan et al. 2014) or ``sum_c dS/dx_c`` (``channels="sum"``).
+
+    The two agree on one-channel frames up to sign; on RGB they differ (the normalised maps
+    ``|sum_c|`` and ``max_c |.|`` correlated 0.75 on a ResNet-18). ``"sum"`` is the channel sum the
+    other input-gradient maps (SmoothGrad, Integrated Gradients) keep.
+    """
+    if channels not in GRADIENT_CHANNELS:
+        raise ValueError(f"channels must be one of {GRADIENT_CHANNELS}, got {channels!r}")
     tgt = _targets(ex, x, targets)
-    return jnp.sum(_grad_fn(ex, tgt)(x).astype(jnp.float32), axis=-1)
+    g = _grad_fn(ex, tgt)(x).astype(jnp.float32)
+    return jnp.max(jnp.abs(g), axis=-1) if channels == "max_abs" else jnp.sum(g, axis=-1)
 
 
 def prepare_smoothgrad(x: jax.Array, opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

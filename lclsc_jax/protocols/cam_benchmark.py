@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from lclsc_jax import explain
 from lclsc_jax.data import normalize_images, pad_rows
 from lclsc_jax.evaluate import (
+    POINTING_TIES,
     class_specificity,
     deletion_curve,
     insertion_curve,
@@ -145,11 +146,11 @@ def select_images(indices: np.ndarray, max_images: int) -> np.ndarray:
     return idx[pos]
 
 
-def _localisation(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float],
-                  valid: np.ndarray | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _localisation(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float], valid: np.ndarray | None,
+                  pointing_ties: str = "first") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(row, per-frame arrays)`` of ``localisation_row``; per-frame values NaN where undefined."""
     m = localisation_metrics(maps, masks, thresholds=thresholds, otsu=True, valid=valid, area=True,
-                             return_per_image=True)
+                             return_per_image=True, pointing_ties=pointing_ties)
     row: dict[str, Any] = {"n_images": m["n_images"], "n_evaluated": m["n_evaluated"],
                            "pointing_game": m["pointing_game"], "energy_pointing_game": m["energy_pointing_game"],
                            "pr_auc": m["pr_auc"]}
@@ -168,9 +169,9 @@ def _nan_array(values: Sequence[Any]) -> np.ndarray:
 
 
 def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = (0.5,),
-                     valid: np.ndarray | None = None) -> dict[str, Any]:
+                     valid: np.ndarray | None = None, pointing_ties: str = "first") -> dict[str, Any]:
     """Flat localisation scores of ``maps (N, H, W)`` in [0, 1] vs ``masks (N, H, W)``: ``dice@0.5``, ``pr_auc``, ..."""
-    return _localisation(maps, masks, thresholds, valid)[0]
+    return _localisation(maps, masks, thresholds, valid, pointing_ties)[0]
 
 
 def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
@@ -365,7 +366,8 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
                    faithfulness_metrics: Sequence[str] = ("road",), faithfulness_score: str = "rank",
                    road_percentages: Sequence[float] = (10, 30, 50, 70, 90), road_noise: float = 0.01,
                    specificity: bool = True, deletion_steps: int = 16, batch_size: int = 16, figure_images: int = 6,
-                   fov: bool = True, blind: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                   fov: bool = True, blind: Sequence[str] | None = None, pointing_ties: str = "first",
+                   progress: bool = True) -> list[dict[str, Any]]:
     """Localisation, class specificity (and faithfulness) of each method at each stage on a run's ``split``; table rows.
 
     Targets are the true labels. ``max_images``: at most this many frames of the split, evenly
@@ -378,11 +380,15 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     blurred), tracking ``faithfulness_score`` of the target class (``target_scores``: ``rank``
     (default), ``margin`` on the logits, ``prob``). ``fov`` restricts Otsu, pointing games and
     overlaps to the circular field of view. ``blind``: class-blind baselines appended as rows
-    ``blind:<name>`` (default: all of ``shortcuts.BLIND_MAPS``; ``()`` for none). Writes the
+    ``blind:<name>`` (default: all of ``shortcuts.BLIND_MAPS``; ``()`` for none). ``pointing_ties``:
+    ``first`` (the first maximum in raster order; a flat map misses) or ``any`` (any maximum; Quantus'
+    convention, a flat map hits), see ``evaluate.pointing_game``. Writes the
     table, ``cam_benchmark.json``, the per-frame scores (``FRAME_FILE``) and the figure grids
     into ``out_dir`` (default ``WORKDIR/cam_benchmark``).
     """
     fm = _check_faithfulness_metrics(faithfulness_metrics) if faithfulness else ()
+    if pointing_ties not in POINTING_TIES:
+        raise ValueError(f"pointing_ties must be one of {POINTING_TIES}, got {pointing_ties!r}")
     if faithfulness_score not in ("prob", "margin", "rank"):
         raise ValueError(f"faithfulness_score must be 'prob', 'margin' or 'rank', got {faithfulness_score!r}")
     run = runs.load_run(workdir, which)
@@ -416,7 +422,7 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
         row: dict[str, Any] = {"method": method, "stage": stage, "n_images": int(len(idx)), "error": None}
         try:
             maps = make_maps(targets)
-            loc, per = _localisation(maps, masks, thresholds, valid)
+            loc, per = _localisation(maps, masks, thresholds, valid, pointing_ties)
             row.update(loc)
             if specificity:
                 other = maps if class_blind else make_maps(wrong)
@@ -469,7 +475,7 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
             figures.append(_grid_figure(display, masks[picks], titles, cols, os.path.join(out_dir, f"grid_{fs}.png")))
     meta = {"workdir": workdir, "checkpoint_step": run.step, "split": split, "indices": idx.tolist(),
             "thresholds": [float(t) for t in thresholds], "fov": fov, "faithfulness": bool(fm),
-            "faithfulness_metrics": list(fm), "faithfulness_score": faithfulness_score,
+            "faithfulness_metrics": list(fm), "faithfulness_score": faithfulness_score, "pointing_ties": pointing_ties,
             "road_percentages": [float(p) for p in road_percentages], "road_noise": float(road_noise),
             "specificity": bool(specificity), "blind": list(blind_names),
             "columns": columns, "rows": rows, "figures": [os.path.basename(p) for p in figures], **paths}
