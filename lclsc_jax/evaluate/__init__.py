@@ -52,23 +52,6 @@ from lclsc_jax.evaluate.metrics import (
     confusion_matrix,
     roc_curve_points,
 )
-from lclsc_jax.evaluate.shortcuts import BLIND_MAPS, blind_map, global_statistics
-from lclsc_jax.evaluate.statistics import (
-    bootstrap_by_class,
-    bootstrap_weights,
-    detectable_difference,
-    hierarchical_bootstrap,
-    paired_bootstrap,
-    patient_labels,
-    t_interval,
-)
-from lclsc_jax.evaluate.similarity import (
-    SIMILARITIES,
-    hog_similarity,
-    map_similarities,
-    spearman,
-    ssim,
-)
 from lclsc_jax.evaluate.plots import (
     confidence_histogram,
     confusion_matrix_plot,
@@ -78,6 +61,23 @@ from lclsc_jax.evaluate.plots import (
     make_roc_figure,
     per_patient_bars,
     roc_curves,
+)
+from lclsc_jax.evaluate.shortcuts import BLIND_MAPS, blind_map, global_statistics
+from lclsc_jax.evaluate.similarity import (
+    SIMILARITIES,
+    hog_similarity,
+    map_similarities,
+    spearman,
+    ssim,
+)
+from lclsc_jax.evaluate.statistics import (
+    bootstrap_by_class,
+    bootstrap_weights,
+    detectable_difference,
+    hierarchical_bootstrap,
+    paired_bootstrap,
+    patient_labels,
+    t_interval,
 )
 
 __all__ = [
@@ -96,7 +96,6 @@ __all__ = [
     "blind_map",
     "bootstrap_by_class",
     "bootstrap_weights",
-    "detectable_difference",
     "calibration_bins",
     "class_specificity",
     "classification_metrics",
@@ -106,6 +105,7 @@ __all__ = [
     "confusion_matrix_plot",
     "curve_auc",
     "deletion_curve",
+    "detectable_difference",
     "dice",
     "energy_pointing_game",
     "gaussian_blur",
