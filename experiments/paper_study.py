@@ -11,11 +11,15 @@ class specificity, ROAD; its own tables). This script adds, on the same fold run
   `evaluate.statistics.bootstrap_weights`, the ratio recomputed in every resample), and the paired
   accuracy difference to `ce` at each severity; Grad-CAM / SC Dice at the mask's area under
   corruption as the mean over folds and replicates (few frames per fold: no interval);
+* **classification**: accuracy, balanced accuracy, macro AUROC and macro F1 of the pooled fold
+  predictions, per run and paired with `ce` over their shared replicates, with the same patient
+  bootstrap (`evaluate.statistics.weighted_classification_metrics` under shared resampling weights)
+  and the smallest difference detectable with 80% power;
 * **sanity**: the cascading and independent model-randomisation tests (`lclsc sanity`) on fold 0 of
   each replicate of the chosen variants: Spearman(abs) after the full cascade per method.
 
 Resumable: a fold whose `robustness_ce/frames.npz` (or `sanity/sanity.json`) exists is not redone.
-Writes `OUT_RESULTS/robustness.md|json|png` and `OUT_RESULTS/sanity.md|json`.
+Writes `OUT_RESULTS/classification.md|json`, `robustness.md|json|png` and `sanity.md|json`.
 
     python experiments/paper_study.py --ablation runs/paper --results experiments/results/paper
 """
@@ -155,6 +159,83 @@ def saliency_under_corruption(ablation: str, variant: str) -> dict[str, dict[int
     return {m: {s: float(np.mean(v)) for s, v in sorted(d.items())} for m, d in acc.items()}
 
 
+CLASSIFICATION = ("accuracy", "balanced_accuracy", "auroc", "f1")
+
+
+def pooled_predictions(rep: str) -> dict[str, np.ndarray]:
+    """One replicate's test predictions over its folds (every patient once), sorted by record index."""
+    parts = [np.load(os.path.join(f, "predictions.npz")) for f in folds_of(rep)]
+    idx = np.concatenate([p["index"] for p in parts])
+    order = np.argsort(idx)
+    return {k: np.concatenate([p[k] for p in parts])[order] for k in ("probs", "label", "index", "patient")}
+
+
+def classification_stats(ablation: str, variants: list[str], n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, AUROC, F1 of each variant and paired with ce over shared replicates.
+
+    Per replicate the pooled 5-fold predictions; one set of patient-then-frame bootstrap weights
+    (stratified by class) shared by every variant, so the differences are paired by frame.
+    """
+    preds = {v: {os.path.basename(r).split("__", 1)[1]: pooled_predictions(r) for r in replicate_dirs(ablation, v)}
+             for v in ["ce", *variants]}
+    ref = next(iter(preds["ce"].values()))
+    w = statistics.bootstrap_weights(ref["patient"], n_boot, seed, strata=ref["label"])
+    w = np.concatenate([np.ones((1, w.shape[1])), w])
+
+    def per_rep(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not np.array_equal(p["index"], ref["index"]):
+            raise ValueError("replicates test different frames; pair them per split seed")
+        return statistics.weighted_classification_metrics(p["probs"], p["label"], w)
+
+    scores = {v: {rep: per_rep(p) for rep, p in d.items()} for v, d in preds.items()}
+    q = lambda v: {"estimate": float(v[0]), "ci_low": float(np.nanquantile(v[1:], 0.025)),  # noqa: E731
+                   "ci_high": float(np.nanquantile(v[1:], 0.975)), "se": float(np.nanstd(v[1:], ddof=1))}
+    out: dict[str, Any] = {}
+    for v, reps in scores.items():
+        row: dict[str, Any] = {"replicates": sorted(reps), "n_patients": int(len(np.unique(ref["patient"]))),
+                               "n_frames": int(len(ref["index"]))}
+        for m in CLASSIFICATION:
+            row[m] = q(np.mean([r[m] for r in reps.values()], 0))
+        shared = sorted(set(reps) & set(scores["ce"]))
+        if v != "ce" and shared:
+            row["paired_replicates"] = shared
+            for m in CLASSIFICATION:
+                d = q(np.mean([reps[r][m] - scores["ce"][r][m] for r in shared], 0))
+                d["detectable"] = statistics.detectable_difference(d["se"])
+                row[f"{m}_vs_ce"] = d
+        out[v] = row
+    return out
+
+
+def classification_report(ablation: str, variants: list[str], results: str, n_boot: int) -> dict[str, Any]:
+    """Write classification.md/json: the accuracy claim's table."""
+    st = classification_stats(ablation, variants, n_boot)
+    ce = st["ce"]
+    lines = ["# Classification of the paper study's runs (experiments/paper_study.py)", "",
+             f"Pooled 5-fold patient-wise CV predictions ({ce['n_patients']} patients, {ce['n_frames']} frames per "
+             f"replicate), averaged over replicates; 95% intervals: hierarchical bootstrap over patients then frames "
+             f"({n_boot} resamples, stratified by class, the same resamples for every run: paired by frame). "
+             "AUROC and F1 are macro averages (one-vs-rest AUROC).", "",
+             "| run | replicates | " + " | ".join(CLASSIFICATION) + " |", "|---|---|" + "---|" * len(CLASSIFICATION)]
+    for v, r in st.items():
+        lines.append(f"| {v} | {len(r['replicates'])} | " + " | ".join(_ci(r[m]) for m in CLASSIFICATION) + " |")
+    lines += ["", "Paired difference to `ce` (the replicates both have; the smallest difference detectable with 80% "
+              "power at 5%, 2.8 x the bootstrap SE, after ±):", "",
+              "| run − ce | replicates | " + " | ".join(CLASSIFICATION) + " |",
+              "|---|---|" + "---|" * len(CLASSIFICATION)]
+    for v, r in st.items():
+        if "paired_replicates" in r:
+            lines.append(f"| {v} − ce | {len(r['paired_replicates'])} | " + " | ".join(
+                f"{_ci(r[f'{m}_vs_ce'])} ±{r[f'{m}_vs_ce']['detectable']:.3f}" for m in CLASSIFICATION) + " |")
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, "classification.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(results, "classification.json"), "w") as f:
+        json.dump(st, f, indent=1)
+    print("\n".join(lines))
+    return st
+
+
 def _ci(d: dict[str, float], digits: int = 3) -> str:
     """``est [lo, hi]``."""
     return f"{d['estimate']:.{digits}f} [{d['ci_low']:.{digits}f}, {d['ci_high']:.{digits}f}]"
@@ -280,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ablation", default="runs/paper", help="the `lclsc ablate --preset paper` output folder")
     p.add_argument("--results", default="experiments/results/paper", help="where the reports go")
+    p.add_argument("--classification", nargs="*",
+                   default=["supcon", "lcl", "lcl_sc", "lcl_sc_topk", "lcl_sc_wildcat", "lcl_sc_k0.01", "lcl_sc_k0.05",
+                            "lcl_sc_k0.25", "lcl_sc_consistency", "lcl_sc_decomposed"],
+                   help="variants whose classification is tabulated against ce")
     p.add_argument("--robustness", nargs="*", default=["lcl_sc", "lcl", "supcon"],
                    help="variants scored under corruption against ce")
     p.add_argument("--sanity", nargs="*", default=["ce", "lcl_sc", "lcl_sc_decomposed"],
@@ -291,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not os.path.exists(os.path.join(a.ablation, "plan.json")):
         p.error(f"{a.ablation} is not an ablation output folder (no plan.json)")
+    done = [v for v in a.classification if replicate_dirs(a.ablation, v)]
+    if done:
+        classification_report(a.ablation, done, a.results, a.n_boot)
     if not a.report_only:
         run_robustness(a.ablation, a.robustness, a.max_images)
     if a.robustness:

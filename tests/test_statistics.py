@@ -214,3 +214,30 @@ def test_detectable_difference_has_the_stated_power():
         S.detectable_difference(-1.0)
     with pytest.raises(ValueError):
         S.detectable_difference(0.1, power=1.0)
+
+
+def test_weighted_classification_metrics_match_sklearn_with_sample_weight():
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(3)
+    n, k = 60, 3
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probs[:6] = probs[6:12]  # tied scores
+    w = S.bootstrap_weights(np.repeat(np.arange(12), 5), 20, seed=1)
+    w = np.concatenate([np.ones((1, n)), w])
+    got = S.weighted_classification_metrics(probs, y, w)
+    for b in range(len(w)):
+        keep = w[b] > 0  # a resample holds the frames it drew
+        yy, pp, ww = y[keep], probs[keep], w[b, keep]
+        pred = pp.argmax(1)
+        assert got["accuracy"][b] == pytest.approx(skm.accuracy_score(yy, pred, sample_weight=ww))
+        assert got["balanced_accuracy"][b] == pytest.approx(skm.balanced_accuracy_score(yy, pred, sample_weight=ww))
+        assert got["f1"][b] == pytest.approx(skm.f1_score(yy, pred, average="macro", sample_weight=ww,
+                                                          zero_division=0))
+        if len(np.unique(yy)) == k:
+            assert got["auroc"][b] == pytest.approx(skm.roc_auc_score(yy, pp, multi_class="ovr", average="macro",
+                                                                      sample_weight=ww))
+    with pytest.raises(ValueError, match="need probs"):
+        S.weighted_classification_metrics(probs, y[:-1], w)

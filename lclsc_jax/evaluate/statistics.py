@@ -38,6 +38,7 @@ nor is one over frames of the same patients.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,6 +54,7 @@ __all__ = [
     "paired_bootstrap",
     "patient_labels",
     "t_interval",
+    "weighted_classification_metrics",
 ]
 
 #: What a resample draws: patients then frames within them, patients only, or frames only.
@@ -324,3 +326,53 @@ def t_interval(values: Any, confidence: float = 0.95) -> dict[str, Any]:
         out.update(std=std, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
     return out
 
+
+
+# ------------------------------------------------------------ classification under resampling
+
+
+def _weighted_auc(score: np.ndarray, positive: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``(B,)`` weighted ROC AUC of ``score (N,)`` for ``positive (N,)`` under weights ``w (B, N)`` (ties count 1/2)."""
+    order = np.argsort(score, kind="stable")
+    s, pos, ws = score[order], positive[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    wp = np.add.reduceat(ws * pos, starts, axis=1)  # (B, G) positive weight per score group
+    wn = np.add.reduceat(ws * ~pos, starts, axis=1)
+    below = np.cumsum(wn, axis=1) - wn  # negative weight strictly below each group
+    num = (wp * (below + 0.5 * wn)).sum(1)
+    den = wp.sum(1) * wn.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def weighted_classification_metrics(probs: Any, labels: Any, weights: Any) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy, macro F1 and macro one-vs-rest AUROC ``(B,)`` under frame weights ``(B, N)``.
+
+    ``probs (N, K)``, ``labels (N,)`` int in ``[0, K)``; ``weights`` e.g. ``bootstrap_weights`` (a row
+    of ones gives the plain metrics). Each equals scikit-learn's metric with ``sample_weight`` (the
+    tests' oracle): classes absent under a resample's weights are left out of the macro averages
+    (NaN when none is left); F1 of a class never predicted nor present is left out as well.
+    """
+    p = np.asarray(probs, np.float64)
+    y = np.asarray(labels, np.int64)
+    w = np.atleast_2d(np.asarray(weights, np.float64))
+    if p.ndim != 2 or y.shape != (p.shape[0],) or w.shape[1] != p.shape[0]:
+        raise ValueError(f"need probs (N, K), labels (N,), weights (B, N); got {p.shape}, {y.shape}, {w.shape}")
+    pred = p.argmax(1)
+    tot = w.sum(1)
+    out = {"accuracy": (w * (pred == y)).sum(1) / tot}
+    rec, f1, auc = [], [], []
+    for c in range(p.shape[1]):
+        t, q = y == c, pred == c
+        tp, n_true, n_pred = (w * (t & q)).sum(1), (w * t).sum(1), (w * q).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rec.append(np.where(n_true > 0, tp / np.where(n_true > 0, n_true, 1.0), np.nan))
+            f1.append(np.where(n_true + n_pred > 0, 2 * tp / np.where(n_true + n_pred > 0, n_true + n_pred, 1.0),
+                               np.nan))
+        auc.append(_weighted_auc(p[:, c], t, w))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no class left: NaN
+        out["balanced_accuracy"] = np.nanmean(np.stack(rec, 1), 1)
+        out["f1"] = np.nanmean(np.stack(f1, 1), 1)
+        out["auroc"] = np.nanmean(np.stack(auc, 1), 1)
+    return out
