@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="preset name or JSON file (default: 'default', or the workdir's saved config)")
     _add_set(p, "override config keys, e.g. train.lr=3e-4")
     p.add_argument("--init-from", metavar="FILE", help="start the backbone from PyTorch weights (.pt/.pth/.safetensors, "
-                   "torchvision naming); the heads are re-initialised")
+                   "torchvision naming); the heads are re-initialised; see train.freeze_backbone_steps and "
+                   "train.backbone_lr_scale for fine-tuning")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     _add_distributed(p)
 

@@ -86,6 +86,10 @@ class TrainConfig:
     keep_last: int = 2
     eval_batch_size: int = 128
     best_metric: str = "accuracy"  # one of BEST_METRICS: the validation metric that picks the "best" checkpoint
+    # Fine-tuning (e.g. after --init-from): the backbone (every parameter but the heads `head`/`fc`) gets no
+    # update for the first `freeze_backbone_steps` steps, then `backbone_lr_scale` x the learning rate.
+    freeze_backbone_steps: int = 0
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,10 @@ def validate(cfg: Config) -> None:
         errors.append("loss.w_consistency must be >= 0")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         errors.append(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    if cfg.train.freeze_backbone_steps < 0:
+        errors.append(f"train.freeze_backbone_steps must be >= 0, got {cfg.train.freeze_backbone_steps}")
+    if not cfg.train.backbone_lr_scale >= 0:
+        errors.append(f"train.backbone_lr_scale must be >= 0, got {cfg.train.backbone_lr_scale}")
     if cfg.train.optimizer not in ("adamw", "sgd"):
         errors.append(f"train.optimizer must be adamw or sgd, got {cfg.train.optimizer!r}")
     for key in ("train.steps", "train.batch_size", "data.image_size", "data.channels", "model.embed_dim",

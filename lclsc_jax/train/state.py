@@ -50,15 +50,44 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
         decay_steps=max(t.steps, warmup + 1), end_value=t.lr * 1e-2)
 
 
+#: Top-level parameter groups that are heads, not backbone (``interop``'s ``fc``/``head``).
+HEAD_GROUPS: tuple[str, ...] = ("fc", "head")
+
+
+def param_groups(params: Any) -> Any:
+    """``"head"`` for the leaves under a top-level ``fc``/``head``, ``"backbone"`` for every other leaf."""
+    return {name: jax.tree_util.tree_map(lambda _, g="head" if name in HEAD_GROUPS else "backbone": g, sub)
+            for name, sub in params.items()}
+
+
+def backbone_multiplier(freeze_steps: int, scale: float) -> optax.Schedule:
+    """``0`` for steps ``< freeze_steps``, then ``scale``: what the backbone's updates are multiplied by."""
+    return lambda step: jnp.where(step < freeze_steps, 0.0, scale)
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """Gradient clipping, the warmup-cosine schedule, AdamW or SGD-momentum per ``cfg.train``."""
+    """Gradient clipping, the warmup-cosine schedule, AdamW or SGD-momentum per ``cfg.train``.
+
+    With ``train.freeze_backbone_steps > 0`` or ``train.backbone_lr_scale != 1`` the backbone's
+    updates (decoupled weight decay included) are multiplied by ``backbone_multiplier``: none while
+    frozen, then the scaled learning rate; its optimizer moments accumulate while it is frozen. The
+    gradient is clipped over all parameters together. BatchNorm statistics are not parameters and
+    keep updating in a frozen backbone.
+    """
     t = cfg.train
-    schedule = lr_schedule(cfg)
-    if t.optimizer == "adamw":
-        opt = optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask)
-    else:
-        opt = optax.chain(optax.add_decayed_weights(t.weight_decay, mask=_decay_mask),
-                          optax.sgd(schedule, momentum=0.9, nesterov=True))
+
+    def base() -> optax.GradientTransformation:
+        schedule = lr_schedule(cfg)
+        if t.optimizer == "adamw":
+            return optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask)
+        return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=_decay_mask),
+                           optax.sgd(schedule, momentum=0.9, nesterov=True))
+
+    opt = base()
+    if t.freeze_backbone_steps > 0 or t.backbone_lr_scale != 1.0:
+        mult = backbone_multiplier(t.freeze_backbone_steps, t.backbone_lr_scale)
+        opt = optax.multi_transform({"backbone": optax.chain(base(), optax.scale_by_schedule(mult)), "head": opt},
+                                    param_groups)
     chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
     return optax.chain(*chain, opt)
 
