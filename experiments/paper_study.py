@@ -227,13 +227,18 @@ def classification_report(ablation: str, variants: list[str], results: str, n_bo
         if "paired_replicates" in r:
             lines.append(f"| {v} − ce | {len(r['paired_replicates'])} | " + " | ".join(
                 f"{_ci(r[f'{m}_vs_ce'])} ±{r[f'{m}_vs_ce']['detectable']:.3f}" for m in CLASSIFICATION) + " |")
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, "classification.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(results, "classification.json"), "w") as f:
-        json.dump(st, f, indent=1)
-    print("\n".join(lines))
+    _write(results, "classification", lines, st)
     return st
+
+
+def _write(results: str, name: str, lines: list[str], data: Any) -> None:
+    """``RESULTS/<name>.md`` (the table lines) and ``<name>.json``; the table printed."""
+    os.makedirs(results, exist_ok=True)
+    with open(os.path.join(results, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(results, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    print("\n".join(lines))
 
 
 def _ci(d: dict[str, float], digits: int = 3) -> str:
@@ -286,13 +291,8 @@ def robustness_report(ablation: str, variants: list[str], results: str, n_boot: 
         cells = [" ".join(f"{a:.2f}" for a in first["per_corruption"][c]["reference_accuracy"])]
         cells += [" ".join(f"{a:.2f}" for a in s["per_corruption"][c]["accuracy"]) for s in stats.values()]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, "robustness.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(results, "robustness.json"), "w") as f:
-        json.dump(stats, f, indent=1)
+    _write(results, "robustness", lines, stats)
     _figure(stats, sev, os.path.join(results, "robustness.png"))
-    print("\n".join(lines))
     return stats
 
 
@@ -347,12 +347,7 @@ def run_sanity(ablation: str, variants: list[str], max_images: int, results: str
         for m, vals in d.items():
             lines.append(f"| {v} | {m} | {', '.join(f'{x:.3f}' for x in vals)} | "
                          f"{sum(x < 0.5 for x in vals)}/{len(vals)} |")
-    os.makedirs(results, exist_ok=True)
-    with open(os.path.join(results, "sanity.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(results, "sanity.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    print("\n".join(lines))
+    _write(results, "sanity", lines, out)
     return out
 
 
