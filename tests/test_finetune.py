@@ -13,7 +13,8 @@ from lclsc_jax.train import config as C
 from lclsc_jax.train import loop
 from lclsc_jax.train import state as S
 
-PARAMS = {"conv1": {"kernel": jnp.ones((2, 3))}, "layer1_0": {"conv1": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}},
+PARAMS = {"conv1": {"kernel": jnp.ones((2, 3))},
+          "layer1_0": {"conv1": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}},
           "head": {"proj": {"kernel": jnp.ones((2, 2))}}, "fc": {"bias": jnp.ones(3)}}
 
 
@@ -48,8 +49,9 @@ def test_default_optimizer_state_is_unchanged():
     plain = jax.tree_util.tree_structure(S.make_optimizer(cfg).init(PARAMS))
     cfg2 = C.load("tiny", {"train.backbone_lr_scale": 0.5})
     assert jax.tree_util.tree_structure(S.make_optimizer(cfg2).init(PARAMS)) != plain
-    assert S.param_groups(PARAMS) == {"conv1": {"kernel": "backbone"}, "layer1_0": {"conv1": {"kernel": "backbone",
-                                      "bias": "backbone"}}, "head": {"proj": {"kernel": "head"}}, "fc": {"bias": "head"}}
+    assert S.param_groups(PARAMS) == {
+        "conv1": {"kernel": "backbone"}, "layer1_0": {"conv1": {"kernel": "backbone", "bias": "backbone"}},
+        "head": {"proj": {"kernel": "head"}}, "fc": {"bias": "head"}}
 
 
 @pytest.mark.parametrize("bad, match", [({"train.freeze_backbone_steps": -1}, "freeze_backbone_steps"),
