@@ -75,9 +75,10 @@ def load_frames(ablation: str, variant: str) -> dict[str, Any] | None:
     """Per replicate, the 5 folds' frames joined: ``correct``/``reference_correct (R, K, N)``, conditions, patients."""
     reps = []
     for rep in replicate_dirs(ablation, variant):
-        parts = [np.load(os.path.join(f, ROB_DIR, "frames.npz")) for f in folds_of(rep)]
-        if not parts or not all(os.path.exists(os.path.join(f, ROB_DIR, "frames.npz")) for f in folds_of(rep)):
-            continue
+        files = [os.path.join(f, ROB_DIR, "frames.npz") for f in folds_of(rep)]
+        if not files or not all(os.path.exists(f) for f in files):
+            continue  # a replicate counts once every fold is scored
+        parts = [np.load(f) for f in files]
         idx = np.concatenate([p["indices"] for p in parts])
         order = np.argsort(idx)
         reps.append({k: np.concatenate([p[k] for p in parts], axis=-1)[..., order]

@@ -305,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
 
+    p = sub.add_parser("export", help="a trained run as ONNX (whole classifier) or PyTorch-named safetensors",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write the run's classifier for systems without JAX. onnx: one graph, uint8 frames "
+                                   "(B, H, W, C) in, probs and embedding out, normalisation inside (ONNX Runtime "
+                                   "runs it); safetensors: torchvision-named weights and OUT.json with the classes, "
+                                   "head, GEI class embeddings and tau. See docs/interop.md.",
+                       epilog="examples:\n  lclsc export --workdir runs/demo --out runs/demo/model.onnx --check\n"
+                              "  lclsc export --workdir runs/demo --format safetensors --out runs/demo/model.safetensors")
+    p.add_argument("--workdir", required=True, help="a trained run")
+    p.add_argument("--out", required=True, help="the file to write (.onnx, or .safetensors)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "safetensors"], help="default onnx")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="the ONNX graph's batch size (shapes are static; default 1, a stream of frames)")
+    p.add_argument("--check", action="store_true",
+                   help="run the ONNX model in ONNX Runtime on the run's test frames and compare with JAX")
+    _add_checkpoint(p)
+
     p = sub.add_parser("demo", help="train on synthetic pCLE data, evaluate, write saliency figures (CPU minutes)")
     p.add_argument("--workdir", default="runs/demo")
     _add_set(p, "override demo config keys")
@@ -627,6 +644,21 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _export(args: argparse.Namespace) -> int:
+    from lclsc_jax.protocols import export
+
+    res = export.export_run(args.workdir, args.out, args.format, which=args.checkpoint, batch_size=args.batch_size,
+                            check=args.check)
+    print(f"written: {res['path']} ({res['format']}; {res['meta']['arch']}, classes "
+          f"{', '.join(res['meta']['class_names'])}, checkpoint step {res['meta']['checkpoint_step']})")
+    if "check" in res:
+        c = res["check"]
+        print(f"ONNX Runtime vs JAX on {c['n_images']} test frames: max |probs difference| {c['max_abs_probs']:.2e}, "
+              f"max |embedding difference| {c['max_abs_embedding']:.2e}, same predictions: {c['same_predictions']}")
+        return 0 if c["max_abs_probs"] <= 1e-4 and c["same_predictions"] else 1
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from lclsc_jax.train import config as C
 
@@ -702,7 +734,7 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
 
 _COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "explain": _explain, "cv": _cv,
              "benchmark-cams": _benchmark_cams, "sanity": _sanity, "synth": _synth, "audit-data": _audit_data, "robustness": _robustness, "ablate": _ablate, "verify": _verify,
-             "demo": _demo, "config": _config}
+             "export": _export, "demo": _demo, "config": _config}
 
 
 if __name__ == "__main__":
