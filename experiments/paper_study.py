@@ -15,8 +15,9 @@ class specificity, ROAD; its own tables). This script adds, on the same fold run
   predictions, per run and paired with `ce` over their shared replicates, with the same patient
   bootstrap (`evaluate.statistics.weighted_classification_metrics` under shared resampling weights)
   and the smallest difference detectable with 80% power;
-* **sanity**: the cascading and independent model-randomisation tests (`lclsc sanity`) on fold 0 of
-  each replicate of the chosen variants: Spearman(abs) after the full cascade per method.
+* **sanity**: the cascading and independent model-randomisation tests (`lclsc sanity`) of Grad-CAM
+  (and the SC maps of contrastive runs) on fold 0 of each replicate of the chosen variants:
+  Spearman(abs) after the full cascade per method.
 
 Resumable: a fold whose `robustness_ce/frames.npz` (or `sanity/sanity.json`) exists is not redone.
 Writes `OUT_RESULTS/classification.md|json`, `robustness.md|json|png` and `sanity.md|json`.
@@ -354,7 +355,8 @@ def run_sanity(ablation: str, variants: list[str], max_images: int, results: str
                 continue
             if not os.path.exists(path):
                 t0 = time.time()
-                sanity_checks(fold, max_images=max_images, progress=False)
+                methods = ["gradcam"] if v == "ce" else ["gradcam", "sc"]  # the maps the claims are about
+                sanity_checks(fold, methods=methods, max_images=max_images, progress=False)
                 print(f"[paper] sanity {fold} ({time.time() - t0:.0f} s)", flush=True)
             s = json.load(open(path))
             for m, verdict in s["verdicts"].items():
