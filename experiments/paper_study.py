@@ -33,11 +33,11 @@ import json
 import os
 import sys
 import time
-import warnings
 from typing import Any
 
 import numpy as np
 
+from lclsc_jax.data import corruptions as K
 from lclsc_jax.evaluate import statistics
 from lclsc_jax.protocols.robustness import evaluate_robustness
 from lclsc_jax.protocols.sanity import sanity_checks
@@ -97,20 +97,23 @@ def load_frames(ablation: str, variant: str) -> dict[str, Any] | None:
 
 
 def _mce(err: np.ndarray, ref: np.ndarray, conditions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """mCE and relative mCE ``(B,)`` from errors ``(B, K)`` of the run and the reference (row 0 clean)."""
+    """mCE and relative mCE ``(B,)`` from errors ``(B, K)`` of the run and the reference (row 0 clean),
+    one ``data.corruptions.mean_corruption_error`` per resample."""
     names = list(dict.fromkeys(c.split("/")[0] for c in conditions[1:]))
-    ce, rel = [], []
-    for c in names:
-        cols = [i for i, k in enumerate(conditions) if k.split("/")[0] == c]
-        e, r = err[:, cols], ref[:, cols]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ce.append(np.where(r.sum(1) > 0, e.sum(1) / r.sum(1), np.nan))
-            de = (e - err[:, :1]).sum(1)
-            dr = (r - ref[:, :1]).sum(1)
-            rel.append(np.where(dr > 0, de / np.where(dr > 0, dr, 1.0), np.nan))
-    with warnings.catch_warnings():  # a resample where no corruption has a defined ratio: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.stack(ce, 1), 1), np.nanmean(np.stack(rel, 1), 1)
+    cols = {c: [i for i, k in enumerate(conditions) if k.split("/")[0] == c] for c in names}
+    mce, rel = [], []
+    for e, r in zip(err, ref):
+        res = K.mean_corruption_error({c: e[i] for c, i in cols.items()}, {c: r[i] for c, i in cols.items()},
+                                      float(e[0]), float(r[0]))
+        mce.append(np.nan if res["mce"] is None else res["mce"])
+        rel.append(np.nan if res["relative_mce"] is None else res["relative_mce"])
+    return np.asarray(mce), np.asarray(rel)
+
+
+def _interval(v: np.ndarray) -> dict[str, float]:
+    """Row 0 (the data as observed) and the 95% percentile interval and SE of rows 1.. (the resamples)."""
+    return {"estimate": float(v[0]), "ci_low": float(np.nanquantile(v[1:], 0.025)),
+            "ci_high": float(np.nanquantile(v[1:], 0.975)), "se": float(np.nanstd(v[1:], ddof=1))}
 
 
 def robustness_stats(fr: dict[str, Any], n_boot: int, seed: int = 0) -> dict[str, Any]:
@@ -125,8 +128,7 @@ def robustness_stats(fr: dict[str, Any], n_boot: int, seed: int = 0) -> dict[str
 
     e, er = err(x), err(xr)
     mce, rel = _mce(e, er, cond)
-    q = lambda v: {"estimate": float(v[0]), "ci_low": float(np.nanquantile(v[1:], 0.025)),  # noqa: E731
-                   "ci_high": float(np.nanquantile(v[1:], 0.975))}
+    q = _interval
     sev = sorted({int(c.split("/")[1]) for c in cond})
     per_sev, per_sev_ref, diff = {}, {}, {}
     for s in sev:
@@ -201,8 +203,7 @@ def classification_stats(ablation: str, variants: list[str], n_boot: int, seed: 
         return statistics.weighted_classification_metrics(p["probs"], p["label"], w)
 
     scores = {v: {rep: per_rep(p) for rep, p in d.items()} for v, d in preds.items()}
-    q = lambda v: {"estimate": float(v[0]), "ci_low": float(np.nanquantile(v[1:], 0.025)),  # noqa: E731
-                   "ci_high": float(np.nanquantile(v[1:], 0.975)), "se": float(np.nanstd(v[1:], ddof=1))}
+    q = _interval
     out: dict[str, Any] = {}
     for v, reps in scores.items():
         row: dict[str, Any] = {"replicates": sorted(reps), "n_patients": int(len(np.unique(ref["patient"]))),
