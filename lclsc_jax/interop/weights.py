@@ -9,6 +9,11 @@ Naming (Flax path -> torch key):
   params/fc/kernel (c, K), bias               <-> fc.weight (K, c), fc.bias
   params/head/hidden/*, params/head/proj/*    <-> head.0.*, head.2.*  (Sequential(Linear, ReLU, Linear))
 A file without ``head.*`` (torchvision/timm: only ``fc``) gives a model with ``projection=False``.
+Registry backbones (``models.backbones``: EfficientNetV2, InceptionV3, ViT, ConvNeXt, DenseNet,
+LeNet-5, AlexNet) hold their variables under ``backbone`` named exactly as timm's modules, so
+``params/backbone/blocks/0/1/conv_pw/kernel`` <-> ``blocks.0.1.conv_pw.weight``; their ``fc`` is
+the spec's ``classifier_key`` (``classifier``, ``head``, ``head.fc``, ...) and the projection head
+its ``projection_key`` (``head``, or ``proj_head`` where timm's classifier is ``head``).
 ``*.num_batches_tracked`` is accepted and ignored on import and exported as an int64 scalar 0.
 Reading ``.pt``/``.pth`` never executes pickled code (``torch.load(weights_only=True)``);
 ``.safetensors`` needs no torch.
@@ -101,10 +106,39 @@ class LoadReport:
 # ---------------------------------------------------------------- naming + layout
 
 
-def torch_key(collection: str, path: tuple[str, ...]) -> str:
-    """Torch key of a Flax leaf, e.g. ('params', ('layer1_0', 'conv1', 'kernel')) -> 'layer1.0.conv1.weight'."""
+def _backbone(arch: str | None) -> models.BackboneSpec | None:
+    """The registry spec of ``arch`` (None for tiny, the ResNets, or no arch)."""
+    return models.BACKBONES.get(arch) if arch else None
+
+
+def head_keys(arch: str | None) -> tuple[str, str]:
+    """Torch prefixes of (our linear classifier ``fc``, our projection head ``head``) for ``arch``."""
+    spec = _backbone(arch)
+    return (spec.classifier_key, spec.projection_key) if spec else ("fc", "head")
+
+
+def _leaf_name(collection: str, leaf: str, path: tuple[str, ...]) -> str:
+    try:
+        return _LEAF_RENAMES[(collection, leaf)]
+    except KeyError:
+        if collection == "params" and path[0] == "backbone":  # cls_token, pos_embed, gamma: timm's own names
+            return leaf
+        raise ValueError(f"no torch name for Flax variable {collection}/{'/'.join(path)}") from None
+
+
+def torch_key(collection: str, path: tuple[str, ...], arch: str | None = None) -> str:
+    """Torch key of a Flax leaf, e.g. ('params', ('layer1_0', 'conv1', 'kernel')) -> 'layer1.0.conv1.weight'.
+
+    Under ``backbone`` (registry archs) the path is timm's module path; ``fc`` / ``head`` take the
+    prefixes of :func:`head_keys` (``arch`` names them; without it, ``fc`` / ``head``).
+    """
     *mods, leaf = path
+    if mods and mods[0] == "backbone":
+        return ".".join([*mods[1:], _leaf_name(collection, leaf, path)])
     parts = []
+    if mods and mods[0] in ("fc", "head"):
+        parts.append(dict(zip(("fc", "head"), head_keys(arch)))[mods[0]])
+        mods = mods[1:]
     for m in mods:
         if m in _MODULE_RENAMES:
             parts.append(_MODULE_RENAMES[m])
@@ -112,10 +146,7 @@ def torch_key(collection: str, path: tuple[str, ...]) -> str:
             parts.append(m.replace("_", ".", 1))  # layer3_2 -> layer3.2
         else:
             parts.append(m)
-    try:
-        parts.append(_LEAF_RENAMES[(collection, leaf)])
-    except KeyError:
-        raise ValueError(f"no torch name for Flax variable {collection}/{'/'.join(path)}") from None
+    parts.append(_leaf_name(collection, leaf, path))
     return ".".join(parts)
 
 
@@ -242,7 +273,15 @@ def read_state_dict(source: PathLike | Mapping[str, Any]) -> StateDict:
 
 
 def _first_conv_key(arch: str) -> str:
+    spec = _backbone(arch)
+    if spec:
+        return spec.first_key
     return "stem_conv.weight" if arch == "tiny" else "conv1.weight"
+
+
+def _in_group(key: str, prefix: str) -> bool:
+    """Whether torch ``key`` belongs to the module ``prefix`` (``head.fc.weight`` in ``head.fc``)."""
+    return key.startswith(prefix + ".")
 
 
 def model_config_from_state_dict(state_dict: Mapping[str, Any], arch: str) -> dict[str, Any]:
@@ -260,15 +299,19 @@ def model_config_from_state_dict(state_dict: Mapping[str, Any], arch: str) -> di
             f"state_dict has no {first!r}: is it a torchvision-named {arch} state_dict? "
             f"first keys: {list(state_dict)[:5]}"
         )
+    fc, head = head_keys(arch)
     cfg: dict[str, Any] = {"in_channels": int(np.shape(state_dict[first])[1]), "head": "gei", "num_classes": 1}
-    if "fc.weight" in state_dict:
+    if f"{fc}.weight" in state_dict:
         cfg["head"] = "linear"
-        cfg["num_classes"] = int(np.shape(state_dict["fc.weight"])[0])
+        cfg["num_classes"] = int(np.shape(state_dict[f"{fc}.weight"])[0])
     # Any head.* key means a projection head; an incomplete one is then reported key by key.
-    cfg["projection"] = any(str(k).startswith("head.") for k in state_dict)
-    if "head.2.weight" in state_dict and "head.0.weight" in state_dict:
-        cfg["embed_dim"] = int(np.shape(state_dict["head.2.weight"])[0])
-        cfg["head_hidden"] = int(np.shape(state_dict["head.0.weight"])[0])
+    cfg["projection"] = any(_in_group(str(k), head) for k in state_dict)
+    if f"{head}.2.weight" in state_dict and f"{head}.0.weight" in state_dict:
+        cfg["embed_dim"] = int(np.shape(state_dict[f"{head}.2.weight"])[0])
+        cfg["head_hidden"] = int(np.shape(state_dict[f"{head}.0.weight"])[0])
+    elif f"{head}.2.weight" in state_dict and not any(_in_group(str(k), f"{head}.0") for k in state_dict):
+        cfg["embed_dim"] = int(np.shape(state_dict[f"{head}.2.weight"])[0])  # a one-layer (linear) head
+        cfg["projection_layers"] = 1
     return cfg
 
 
@@ -280,9 +323,14 @@ def abstract_variables(model: models.Model) -> dict[str, Any]:
 # ---------------------------------------------------------------- import
 
 
-def _expected(template: Mapping[str, Any]) -> dict[str, tuple[tuple[str, tuple[str, ...]], Any]]:
+def _expected(template: Mapping[str, Any], arch: str | None = None) -> dict[str, tuple[tuple[str, tuple[str, ...]], Any]]:
     """{torch_key: ((collection, path), template_leaf)} for every leaf of ``template``."""
-    return {torch_key(c, p): ((c, p), leaf) for (c, p), leaf in _flatten(template).items()}
+    return {torch_key(c, p, arch): ((c, p), leaf) for (c, p), leaf in _flatten(template).items()}
+
+
+def _group(key: str, prefixes: tuple[str, ...]) -> str | None:
+    """The first of ``prefixes`` whose module holds torch ``key``, or None."""
+    return next((p for p in prefixes if _in_group(key, p)), None)
 
 
 def state_dict_to_variables(
@@ -290,30 +338,36 @@ def state_dict_to_variables(
     template: Mapping[str, Any],
     *,
     strict: bool = True,
-    optional_groups: tuple[str, ...] = OPTIONAL_GROUPS,
+    optional_groups: tuple[str, ...] | None = None,
     skip_groups: tuple[str, ...] = (),
+    arch: str | None = None,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Map a torch-named state_dict onto ``template``'s Flax variables; returns (variables, report).
 
     Every problem is collected before anything is converted; with ``strict`` any missing,
     unexpected or mis-shaped key raises :class:`WeightsMismatchError` listing them all. A group in
-    ``optional_groups`` (top-level ``fc``/``head``) is required only if the file has any of its keys.
-    Keys of ``skip_groups`` are not loaded and listed as skipped. Leaves not loaded keep the
-    template's value if it is concrete, otherwise they are left out of the result.
+    ``optional_groups`` (torch module prefixes; default :func:`head_keys` of ``arch``: ``fc``/``head``)
+    is required only if the file has any of its keys. Keys of ``skip_groups`` are not loaded and
+    listed as skipped, as are keys of the arch's ``droppable`` modules (InceptionV3's ``AuxLogits``)
+    when the template has none. ``arch`` names registry backbones' keys (:func:`torch_key`).
+    Leaves not loaded keep the template's value if it is concrete, otherwise they are left out.
     """
-    expected = _expected(template)
-    present_groups = {k.split(".", 1)[0] for k in state_dict}
-    skipped = tuple(sorted(k for k in state_dict if k.split(".", 1)[0] in skip_groups))
+    expected = _expected(template, arch)
+    optional_groups = head_keys(arch) if optional_groups is None else tuple(optional_groups)
+    spec = _backbone(arch)
+    droppable = tuple(p for p in (spec.droppable if spec else ()) if not any(_in_group(k, p) for k in expected))
+    present_groups = {g for k in state_dict if (g := _group(k, optional_groups))}
+    skipped = tuple(sorted(k for k in state_dict if _group(k, tuple(skip_groups) + droppable)))
     ignored = tuple(
         sorted(k for k in state_dict if k.endswith("." + NBT) and k not in skipped)
     )
     candidates = {k: v for k, v in state_dict.items() if k not in skipped and k not in ignored}
 
     def needed(key: str) -> bool:
-        group = key.split(".", 1)[0]
-        if group in skip_groups:
+        if _group(key, tuple(skip_groups)):
             return False
-        return group not in optional_groups or group in present_groups
+        group = _group(key, optional_groups)
+        return group is None or group in present_groups
 
     missing = tuple(sorted(k for k in expected if needed(k) and k not in candidates))
     unexpected = tuple(sorted(k for k in candidates if k not in expected))
@@ -352,7 +406,7 @@ def load_torch_weights(
     sd = read_state_dict(source)
     cfg = model_config_from_state_dict(sd, arch)
     template = abstract_variables(models.create(arch, **cfg))
-    variables, report = state_dict_to_variables(sd, template, strict=strict)
+    variables, report = state_dict_to_variables(sd, template, strict=strict, arch=arch)
     if not report.ok:
         warnings.warn(f"load_torch_weights({arch}, strict=False) skipped keys:\n{report.format()}", stacklevel=2)
     log.info("load_torch_weights(%s): %s", arch, report.format())
@@ -374,7 +428,7 @@ def load_torch_model(
     sd = read_state_dict(source)
     cfg = {**model_config_from_state_dict(sd, arch), **model_kwargs}
     model = models.create(arch, **cfg)
-    variables, _ = state_dict_to_variables(sd, abstract_variables(model), strict=True)
+    variables, _ = state_dict_to_variables(sd, abstract_variables(model), strict=True, arch=arch)
     models.check_variables(model, variables)
     log.info("load_torch_model(%s): %s", arch, cfg)
     return model, variables
@@ -409,7 +463,7 @@ def init_backbone_from(
     sd = read_state_dict(source)
     backbone, heads = _split_backbone(variables)
     loaded, report = state_dict_to_variables(
-        sd, backbone, strict=strict, optional_groups=(), skip_groups=OPTIONAL_GROUPS
+        sd, backbone, strict=strict, optional_groups=(), skip_groups=head_keys(arch), arch=arch
     )
     out = {c: dict(loaded.get(c, {})) for c in variables}
     for c, tree in heads.items():
@@ -426,16 +480,22 @@ def init_backbone_from(
 # ---------------------------------------------------------------- export
 
 
-def variables_to_state_dict(variables: Mapping[str, Any]) -> StateDict:
-    """Flax variables -> torchvision-named numpy state_dict (plus int64 ``num_batches_tracked`` = 0)."""
+def variables_to_state_dict(variables: Mapping[str, Any], arch: str | None = None) -> StateDict:
+    """Flax variables -> torchvision/timm-named numpy state_dict (plus int64 ``num_batches_tracked`` = 0).
+
+    ``arch`` names the heads of registry backbones (:func:`head_keys`); it is required for them.
+    """
+    if arch is None and "backbone" in dict(variables.get("params", {})):
+        raise ValueError("variables of a registry backbone: pass arch= so fc/head get timm's names")
     sd: StateDict = {}
     for (collection, path), leaf in _flatten(variables).items():
         arr = np.asarray(leaf)
         if arr.dtype not in (np.float16, np.float32, np.float64):
             arr = arr.astype(np.float32)
-        sd[torch_key(collection, path)] = flax_to_torch_layout(arr)
+        key = torch_key(collection, path, arch)
+        sd[key] = flax_to_torch_layout(arr)
         if collection == "batch_stats" and path[-1] == "mean":
-            sd[torch_key(collection, path).removesuffix("running_mean") + NBT] = np.zeros((), np.int64)
+            sd[key.removesuffix("running_mean") + NBT] = np.zeros((), np.int64)
     return dict(sorted(sd.items()))
 
 
@@ -447,9 +507,9 @@ def export_torch_weights(variables: Mapping[str, Any], arch: str, path: PathLike
     path = Path(path)
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         raise ValueError(f"export writes .safetensors only, got {path.name!r}")
-    sd = variables_to_state_dict(variables)
+    sd = variables_to_state_dict(variables, arch)
     cfg = model_config_from_state_dict(sd, arch)
-    state_dict_to_variables(sd, abstract_variables(models.create(arch, **cfg)), strict=True)
+    state_dict_to_variables(sd, abstract_variables(models.create(arch, **cfg)), strict=True, arch=arch)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata={"format": "pt", "arch": arch, "producer": "lclsc_jax"})

@@ -1,4 +1,4 @@
-"""Flax Linen backbones (tiny CNN, ResNet-18/34/50) exposing every stage's feature map by name.
+"""Flax Linen backbones (tiny CNN, ResNet-18/34/50, and the registry's timm-layout ones) exposing every stage's feature map by name.
 
 >>> model = create("resnet18", num_classes=2, head="gei")
 >>> variables = model.init(rng, images, train=False)
@@ -7,6 +7,8 @@
 >>> create("tiny", 3, padding="reflect")   # convs pad by reflection instead of zeros (PADDING_MODES)
 """
 
+from lclsc_jax.models.backbones import REGISTRY as BACKBONES
+from lclsc_jax.models.backbones import BackboneSpec
 from lclsc_jax.models.layers import PADDING_MODES
 from lclsc_jax.models.model import (
     ARCH_SPECS,
@@ -30,9 +32,11 @@ from lclsc_jax.models.variables import (
 __all__ = [
     "ARCHS",
     "ARCH_SPECS",
+    "BACKBONES",
     "HEADS",
     "PADDING_MODES",
     "ArchSpec",
+    "BackboneSpec",
     "Model",
     "VariablesMismatchError",
     "abstract_variables",

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lclsc_jax.models.backbones import REGISTRY as BACKBONES
 from lclsc_jax.models.blocks import BasicBlock, Bottleneck
 from lclsc_jax.models.layers import (
     ProjectionHead,
@@ -35,7 +36,7 @@ INPUT = "input"
 class ArchSpec:
     """Static description of a backbone: stage names, output channels and strides."""
 
-    kind: Literal["resnet", "tiny"]
+    kind: Literal["resnet", "tiny", "backbone"]  # backbone: models.backbones.REGISTRY[arch]
     stage_names: tuple[str, ...]
     stage_channels: tuple[int, ...]
     stage_strides: tuple[int, ...]
@@ -53,6 +54,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
     "resnet50": ArchSpec(
         "resnet", _RESNET_STAGES, (64, 256, 512, 1024, 2048), _RESNET_STRIDES, (3, 4, 6, 3), True
     ),
+    **{name: ArchSpec("backbone", b.stage_names, b.stage_channels, b.stage_strides) for name, b in BACKBONES.items()},
 }
 ARCHS: tuple[str, ...] = tuple(ARCH_SPECS)
 
@@ -85,7 +87,8 @@ class Model(nn.Module):
 
     ``__call__(images (B, H, W, C), train)`` and ``from_stage(feats, stage, train)`` both return
     ``{"features": {stage: (B, h, w, c)}, "pooled": (B, c), "embedding": (B, D),
-    "local_embedding": (B, h, w, D), "logits": (B, num_classes)}`` (logits only for a linear head).
+    "local_embedding": (B, h, w, D), "logits": (B, num_classes)}`` (logits only for a linear head;
+    ``"aux_logits": (B, num_classes)`` in training where the backbone has an auxiliary classifier).
     With ``projection=False`` there is no ``head``: ``embedding`` is ``pooled`` and
     ``local_embedding`` the last feature map, both float32 (``D = c``).
     """
@@ -102,6 +105,7 @@ class Model(nn.Module):
     projection: bool = True  # False: no projection head, embedding = pooled features
     projection_layers: int = 2  # 2: MLP head; 1: linear head (commutes with pooling: decomposable SC maps)
     padding: str = "zeros"  # what every conv's padded border holds: zeros | reflect | replicate | circular
+    drop_path_rate: float = 0.0  # registry backbones: stochastic depth in training ("dropout" rng)
 
     # ---- static properties (usable on an unbound module) ----
     @property
@@ -161,6 +165,12 @@ class Model(nn.Module):
                     )
                     setattr(self, f"layer{i + 1}_{j}", block)
                     inplanes = out_ch
+        elif spec.kind == "backbone":
+            bb = BACKBONES[self.arch]
+            self.backbone = bb.module(
+                dtype=self.dtype, in_channels=self.in_channels, remat=self.remat, drop_path_rate=self.drop_path_rate,
+                **({"aux_classes": self.num_classes} if bb.aux_stage else {}),
+            )
         else:
             for name, ch, s in zip(spec.stage_names, spec.stage_channels, _TINY_CONV_STRIDES):
                 setattr(self, f"{name}_conv", conv(ch, 3, s, dtype=self.dtype, padding=self.padding))
@@ -181,6 +191,8 @@ class Model(nn.Module):
     def _stage(self, name: str, x: jax.Array, train: bool) -> jax.Array:
         """Run one named stage: (B, H, W, c_in) -> (B, h, w, c)."""
         ra = not train
+        if self.spec.kind == "backbone":
+            return self.backbone.stage(name, x, train)
         if self.spec.kind == "tiny":
             x = getattr(self, f"{name}_conv")(x)
             return nn.relu(getattr(self, f"{name}_bn")(x, use_running_average=ra))
@@ -194,20 +206,31 @@ class Model(nn.Module):
 
     def _run(self, x: jax.Array, first: int, features: dict[str, jax.Array], train: bool) -> dict:
         """Run stages ``stage_names[first:]`` from ``x`` and the heads on the last one."""
+        registry = self.spec.kind == "backbone"
+        aux_stage = BACKBONES[self.arch].aux_stage if registry else None
+        aux = None
         for name in self.stage_names[first:]:
             x = self._stage(name, x, train)
-            features[name] = x
-        last = features[self.last_stage]
-        pooled = global_avg_pool(last)
+            features[name] = self.backbone.to_map(name, x) if registry else x
+            if train and name == aux_stage:
+                aux = self.backbone.aux(x, train)
+        if registry:  # x: the last stage's carry (a ViT's tokens keep their class token)
+            pooled = self.backbone.pool(x, train)
+            last = self.backbone.local(x, train)
+        else:
+            last = features[self.last_stage]
+            pooled = global_avg_pool(last)
         out = {"features": features, "pooled": pooled}
         if self.projection:
             out["embedding"] = self.head(pooled.astype(self.dtype))
-            out["local_embedding"] = self.head(last)
+            out["local_embedding"] = self.head(last.astype(self.dtype))
         else:  # plain classifier: the pooled backbone features are the embedding
             out["embedding"] = pooled
             out["local_embedding"] = last.astype(jnp.float32)
         if self.head_type == "linear":
             out["logits"] = self.fc(pooled.astype(self.dtype)).astype(jnp.float32)
+        if aux is not None:
+            out["aux_logits"] = aux
         return out
 
     def __call__(self, images: jax.Array, train: bool = False) -> dict:
@@ -239,7 +262,8 @@ class Model(nn.Module):
                 f"got {tuple(feats.shape)}"
             )
         idx = self.stage_names.index(stage)
-        return self._run(feats, idx + 1, {stage: feats}, train)
+        carry = self.backbone.from_map(stage, feats) if self.spec.kind == "backbone" else feats
+        return self._run(carry, idx + 1, {stage: feats}, train)
 
 
 def create(
@@ -261,15 +285,25 @@ def create(
     ``padding`` (default ``"zeros"``): what the convolutions' padded border holds, as torch's
     ``Conv2d(padding_mode=...)``: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``;
     same variables whatever the mode (ResNets' max pool keeps its -inf padding).
+    ``drop_path_rate``: stochastic depth of the registry backbones in training (timm's
+    ``drop_path_rate``; the ``"dropout"`` rng of ``apply`` draws it).
     """
     arch_spec(arch)
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-    allowed = {"head_hidden", "remat", "zero_init_residual", "padding", "projection_layers"}
+    allowed = {"head_hidden", "remat", "zero_init_residual", "padding", "projection_layers", "drop_path_rate"}
     unknown = set(kwargs) - allowed
     if unknown:
         raise TypeError(f"models.create got unknown kwargs {sorted(unknown)}; allowed: {sorted(allowed)}")
     check_padding(kwargs.get("padding", "zeros"))
+    if arch in BACKBONES and kwargs.get("padding", "zeros") != "zeros":
+        raise ValueError(f"padding modes other than 'zeros' exist for tiny and the ResNets, not {arch!r}")
+    if arch in BACKBONES and kwargs.get("zero_init_residual"):
+        raise ValueError(f"zero_init_residual is a ResNet option, not one of {arch!r}")
+    if not 0.0 <= float(kwargs.get("drop_path_rate", 0.0)) < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {kwargs['drop_path_rate']}")
+    if arch not in BACKBONES and kwargs.get("drop_path_rate", 0.0):
+        raise ValueError(f"drop_path_rate (stochastic depth) needs a registry backbone, not {arch!r}")
     if num_classes < 1 or embed_dim < 1 or in_channels < 1:
         raise ValueError(
             f"num_classes, embed_dim, in_channels must be >= 1, got {num_classes}, {embed_dim}, {in_channels}"

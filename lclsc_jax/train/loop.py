@@ -347,7 +347,7 @@ def _init_backbone(cfg: Config, state: TrainState, init_from: str, mesh: jax.sha
     """``state`` with its backbone loaded from PyTorch weights (the heads stay fresh)."""
     variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
                                                     return_report=True)
-    state = jax.device_put(state.replace(params=variables["params"], batch_stats=variables["batch_stats"]),
+    state = jax.device_put(state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {})),
                            shd.replicated(mesh))
     log(f"initialised backbone from {init_from}: {report}")
     return state

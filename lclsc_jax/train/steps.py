@@ -17,6 +17,8 @@ from lclsc_jax import method
 from lclsc_jax.evaluate.shortcuts import inscribed_disc
 from lclsc_jax.method.transforms import NUM_DIHEDRAL
 from lclsc_jax.train import sharding as shd
+
+AUX_WEIGHT = 0.4  # weight of an auxiliary classifier's cross-entropy (torchvision's InceptionV3 recipe)
 from lclsc_jax.train.config import Config, uses_gei
 from lclsc_jax.train.state import TrainState
 
@@ -68,21 +70,28 @@ def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tupl
     dtype = _compute_dtype(cfg)
     second_view = lc.name == "lcl_sc" and lc.lambda_sc > 0 and lc.w_eq > 0
 
-    def forward(params, batch_stats, x):
+    def forward(params, batch_stats, x, rng):
+        # "dropout": stochastic depth of the registry backbones (unused by the others).
         out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, x.astype(dtype),
-                                   train=True, mutable=["batch_stats"])
-        return out, mutated["batch_stats"]
+                                   train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        return out, mutated.get("batch_stats", batch_stats)
 
     def loss_fn(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
         x, y = batch["image"], batch["label"].astype(jnp.int32)
-        out, new_bs = forward(params, state.batch_stats, x)
+        drop_rng = jax.random.fold_in(rng, 1)  # stochastic depth; rng itself draws the view transforms
+        out, new_bs = forward(params, state.batch_stats, x, drop_rng)
         z = out["embedding"]
         metrics: dict[str, jax.Array] = {}
         aux: dict[str, jax.Array] = {"z": z, "labels": y}
+        # InceptionV3's auxiliary classifier: torchvision's recipe, 0.4 x its cross-entropy.
+        aux_loss = (AUX_WEIGHT * method.cross_entropy_loss(out["aux_logits"], y, label_smoothing=lc.label_smoothing)
+                    if "aux_logits" in out else None)
+        if aux_loss is not None:
+            metrics["loss_aux"] = aux_loss
         if not uses_gei(cfg):
             loss = method.cross_entropy_loss(out["logits"], y, label_smoothing=lc.label_smoothing)
             metrics["accuracy"] = jnp.mean(jnp.argmax(out["logits"], -1) == y)
-            return loss, (metrics, new_bs, aux)
+            return (loss if aux_loss is None else loss + aux_loss), (metrics, new_bs, aux)
 
         out_t, t = None, None
         if second_view:
@@ -91,7 +100,7 @@ def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tupl
             x_t = method.apply_transform(x[sub], t)
             # A separate forward pass: the views stay on the devices that hold them (no resharding);
             # BN statistics of the running average follow the first view only.
-            out_t, _ = forward(params, state.batch_stats, x_t)
+            out_t, _ = forward(params, state.batch_stats, x_t, jax.random.fold_in(rng, 2))
             z_all = jnp.concatenate([z, out_t["embedding"]])
             y_all = jnp.concatenate([y, y[sub]])
         else:
@@ -110,7 +119,7 @@ def make_loss_fn(model: Any, cfg: Config) -> Callable[..., tuple[jax.Array, tupl
             metrics.update(loss_sc=ce, loss_eq=eq, loss_consistency=cons,
                            sc_accuracy=jnp.mean(jnp.argmax(sc_logits, -1) == y))
         metrics["accuracy"] = jnp.mean(jnp.argmax(gei, -1) == y)
-        return loss, (metrics, new_bs, aux)
+        return (loss if aux_loss is None else loss + aux_loss), (metrics, new_bs, aux)
 
     return loss_fn
 

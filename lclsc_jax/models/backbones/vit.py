@@ -1,0 +1,3 @@
+"""Registry backbones of this family (being written; SPECS lists what exists)."""
+
+SPECS: tuple = ()
