@@ -17,11 +17,10 @@ from lclsc_jax import method
 from lclsc_jax.evaluate.shortcuts import inscribed_disc
 from lclsc_jax.method.transforms import NUM_DIHEDRAL
 from lclsc_jax.train import sharding as shd
-
-AUX_WEIGHT = 0.4  # weight of an auxiliary classifier's cross-entropy (torchvision's InceptionV3 recipe)
 from lclsc_jax.train.config import Config, uses_gei
 from lclsc_jax.train.state import TrainState
 
+AUX_WEIGHT = 0.4  # weight of an auxiliary classifier's cross-entropy (torchvision's InceptionV3 recipe)
 TRAIN_KEYS = ("image", "label")
 EVAL_KEYS = ("image", "label")
 
