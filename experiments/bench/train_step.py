@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lclsc_jax import models
 from lclsc_jax.train import config as config_lib
 from lclsc_jax.train import loop
 from lclsc_jax.train import sharding as shd
@@ -296,7 +297,7 @@ def lcl_sc_ratio(rows: list[dict[str, Any]]) -> float | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--arch", default="resnet50", choices=("tiny", "resnet18", "resnet34", "resnet50"))
+    ap.add_argument("--arch", default="resnet50", choices=models.ARCHS)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--channels", type=int, default=1, help="input channels (pCLE frames are grey: 1)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
