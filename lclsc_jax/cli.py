@@ -12,6 +12,10 @@ from typing import Sequence
 
 from lclsc_jax.protocols.grids import ABLATION_GRIDS
 
+# Every models.ARCHS name (tests/test_backbone_registry.py checks; importing models here would slow start-up).
+ARCH_HELP = ("tiny, resnet18, resnet34, resnet50, or timm/torchvision-layout: tf_efficientnetv2_s, efficientnetv2_s, "
+             "inception_v3, inception_v3_aux, vit_small_patch16, vit_small_patch16_gap, vit_base_patch16, "
+             "vit_base_patch16_gap, convnext_tiny, densenet121, alexnet, lenet5")
 DATA_HELP = "synthetic (built-in synthetic pCLE data), a folder ROOT/<class>/<patient>/<frame>.png, or a CSV manifest"
 
 
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--torch-weights", metavar="FILE",
                      help="a classifier's state_dict (.pt/.pth/.safetensors, torchvision/timm ResNet naming, "
                           "with fc.*) instead of a run; needs --arch")
-    p.add_argument("--arch", help="with --torch-weights: resnet18, resnet34, resnet50 or tiny")
+    p.add_argument("--arch", help="with --torch-weights: " + ARCH_HELP)
     p.add_argument("--classes", help="with --torch-weights: comma-separated class names, one per output of fc "
                    "(default: 0, 1, ...)")
     p.add_argument("--normalize", choices=EXPLAIN_NORMALIZE,
@@ -299,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="parity of PyTorch weights run in PyTorch and in this JAX model")
     p.add_argument("--torch-weights", required=True, metavar="FILE", help=".pt/.pth state_dict or .safetensors")
-    p.add_argument("--arch", required=True, help="resnet18, resnet34 or resnet50")
+    p.add_argument("--arch", required=True, help=ARCH_HELP)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--in-channels", type=int, default=None, help="default: the weights' first layer's")
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
 
     p = sub.add_parser("export", help="a trained run as ONNX (whole classifier) or PyTorch-named safetensors",
@@ -500,7 +504,7 @@ def _explain_torch_weights(args: argparse.Namespace) -> int:
     if args.checkpoint != "best":
         raise ValueError("--checkpoint selects a run's checkpoint (--workdir); --torch-weights FILE is the weights")
     if not args.arch:
-        raise ValueError("--torch-weights needs --arch (resnet18, resnet34, resnet50 or tiny)")
+        raise ValueError("--torch-weights needs --arch (" + ARCH_HELP + ")")
     model, variables = interop.load_torch_model(args.torch_weights, args.arch)
     if model.head_type != "linear":
         raise ValueError(f"{args.torch_weights} has no fc.* classifier (a bare backbone or an LCL-SC embedding "

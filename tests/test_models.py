@@ -50,7 +50,11 @@ def init_and_apply(model, x, seed=0):
     return variables, out
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+# The ResNet-family contract (stem + stage1-4, torch's padded sizes); registry backbones: test_backbone_registry.py.
+CORE_ARCHS = ("tiny", "resnet18", "resnet34", "resnet50")
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("head", ["gei", "linear"])
 def test_output_shapes_odd_sizes(arch, channels, head):
@@ -78,7 +82,7 @@ def test_output_shapes_odd_sizes(arch, channels, head):
         assert out["logits"].shape == (2, 5)
 
 
-@pytest.mark.parametrize("arch", models.ARCHS)
+@pytest.mark.parametrize("arch", CORE_ARCHS)
 def test_stage_strides_match_feature_sizes(arch):
     model = models.create(arch, num_classes=2)
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lclsc_jax import models
 from lclsc_jax.interop.torch_reference import RESNET_LAYERS, require_torch, torch_resnet
-from lclsc_jax.interop.weights import load_torch_model, model_config_from_state_dict, read_state_dict
+from lclsc_jax.interop.weights import head_keys, load_torch_model, model_config_from_state_dict, read_state_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,18 +93,21 @@ def verify(
 ) -> VerifyReport:
     """Run one random (B, H, W, C) batch through both frameworks in eval mode and diff the outputs.
 
-    ``in_channels`` defaults to the weights' (``conv1.weight.shape[1]``); a different value is an
-    error. Both sides are the model the file fills (``load_torch_model``): with ``fc`` only, a
+    ``arch``: a ResNet (against the project's torchvision-equivalent reference) or any registry
+    backbone (against timm, or the spec's torch module for LeNet-5 / AlexNet). ``in_channels``
+    defaults to the weights' (the first layer's); a different value is an error. Both sides are the model the file fills (``load_torch_model``): with ``fc`` only, a
     plain classifier (no projection head is added). Matmuls/convs run at full float32 precision.
     """
-    if arch not in RESNET_LAYERS:
-        raise ValueError(f"verify supports {tuple(RESNET_LAYERS)} (PyTorch reference), got {arch!r}")
+    if arch not in RESNET_LAYERS and arch not in models.BACKBONES:
+        raise ValueError(
+            f"verify supports {(*RESNET_LAYERS, *models.BACKBONES)} (a PyTorch reference exists), got {arch!r}"
+        )
     torch = require_torch()
     sd = read_state_dict(weights_path)
     cfg = model_config_from_state_dict(sd, arch)
     if in_channels is not None and in_channels != cfg["in_channels"]:
         raise ValueError(
-            f"in_channels={in_channels} but the weights' conv1 takes {cfg['in_channels']} channels"
+            f"in_channels={in_channels} but the weights' first layer takes {cfg['in_channels']} channels"
         )
     # The model the file fills: without head.* a plain classifier (projection=False), nothing added.
     model, variables = load_torch_model(sd, arch)
@@ -114,7 +118,16 @@ def verify(
     with jax.default_matmul_precision("float32"):
         jax_out = jax.jit(lambda v, im: model.apply(v, im, train=False))(variables, jnp.asarray(x))
     jax_out = jax.tree_util.tree_map(np.asarray, jax_out)
+    x_nchw = torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy())
+    if arch in RESNET_LAYERS:
+        torch_out = _resnet_reference(torch, sd, arch, cfg, x_nchw)
+    else:
+        torch_out = _registry_reference(torch, sd, arch, cfg, x_nchw)
+    return compare_outputs(jax_out, torch_out, arch, tol)
 
+
+def _resnet_reference(torch: Any, sd: Mapping[str, np.ndarray], arch: str, cfg: dict, x: Any) -> dict[str, Any]:
+    """Stages, pooled, logits, embedding of the project's torchvision-equivalent ResNet on ``x`` (B, C, H, W)."""
     net = torch_resnet(
         arch,
         num_classes=cfg["num_classes"] if cfg["head"] == "linear" else None,
@@ -125,9 +138,46 @@ def verify(
     net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
     net.eval()
     with torch.no_grad():  # CPU, float32
-        out = net(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()))
-    torch_out = {
+        out = net(x)
+    return {
         "features": {k: v.numpy() for k, v in out["features"].items()},
         **{k: v.numpy() for k, v in out.items() if k != "features"},
     }
-    return compare_outputs(jax_out, torch_out, arch, tol)
+
+
+def _registry_reference(torch: Any, sd: Mapping[str, np.ndarray], arch: str, cfg: dict, x: Any) -> dict[str, Any]:
+    """The same for a registry backbone: timm's model (or the spec's torch module) on ``x`` (B, C, H, W).
+
+    The file's backbone and classifier load into the reference strictly; our projection head
+    (``head_keys(arch)[1]``) is not part of timm, so the reference embedding is that head applied
+    to the reference's pooled features in float64 NumPy. Stages come from NCHW (or token) outputs
+    in features layout (B, h, w, c).
+    """
+    from lclsc_jax.interop.timm_reference import reference_model, stage_outputs
+
+    fc, head = head_keys(arch)
+    net = reference_model(arch, num_classes=cfg["num_classes"] if cfg["head"] == "linear" else 0,
+                          in_channels=cfg["in_channels"])
+    own = {k: v for k, v in sd.items() if not k.startswith(head + ".")}
+    missing, unexpected = net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in own.items()},
+                                              strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{arch}: the weights do not fill the PyTorch reference: missing {missing}, "
+                         f"unexpected {unexpected}")
+    pooled = {}
+    hook = dict(net.named_modules())[fc].register_forward_pre_hook(lambda m, inp: pooled.__setitem__("x", inp[0]))
+    try:
+        feats, logits = stage_outputs(net, arch, x)
+    finally:
+        hook.remove()
+    out: dict[str, Any] = {"features": {k: np.transpose(v, (0, 3, 1, 2)) for k, v in feats.items()},
+                           "pooled": pooled["x"].double().numpy()}
+    if cfg["head"] == "linear":
+        out["logits"] = logits.double().numpy()
+    if cfg["projection"]:
+        z = out["pooled"]
+        if f"{head}.0.weight" in sd:
+            z = np.maximum(z @ np.asarray(sd[f"{head}.0.weight"], np.float64).T + np.asarray(sd[f"{head}.0.bias"]), 0)
+        out["embedding"] = z @ np.asarray(sd[f"{head}.2.weight"], np.float64).T + np.asarray(sd[f"{head}.2.bias"])
+    return out

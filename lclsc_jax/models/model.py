@@ -134,9 +134,15 @@ class Model(nn.Module):
         return stage_strides(self.arch)
 
     @property
+    def pooled_channels(self) -> int:
+        """Width ``c`` of ``pooled``: the last stage's channels, or what a registry backbone's ``pool`` gives."""
+        bb = BACKBONES.get(self.arch)
+        return (bb.pooled_channels if bb and bb.pooled_channels else None) or self.spec.stage_channels[-1]
+
+    @property
     def embedding_dim(self) -> int:
-        """Size ``D`` of ``embedding``: ``embed_dim``, or the last stage's channels without projection."""
-        return self.embed_dim if self.projection else self.spec.stage_channels[-1]
+        """Size ``D`` of ``embedding``: ``embed_dim``, or the pooled features' width without projection."""
+        return self.embed_dim if self.projection else self.pooled_channels
 
     # ---- submodules ----
     def setup(self) -> None:
@@ -176,7 +182,7 @@ class Model(nn.Module):
                 setattr(self, f"{name}_conv", conv(ch, 3, s, dtype=self.dtype, padding=self.padding))
                 setattr(self, f"{name}_bn", batch_norm(dtype=self.dtype))
         if self.projection:
-            hidden = self.head_hidden or spec.stage_channels[-1]
+            hidden = self.head_hidden or self.pooled_channels
             self.head = ProjectionHead(hidden, self.embed_dim, dtype=self.dtype, layers=self.projection_layers)
         if self.head_type == "linear":
             self.fc = nn.Dense(

@@ -31,6 +31,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     remat: bool = False
     projection_layers: int = 2  # 2: MLP projection head (the paper's); 1: linear (loss.sc_maps=decomposed needs it)
+    drop_path_rate: float = 0.0  # stochastic depth of the timm-layout backbones (EfficientNetV2, ViT, ConvNeXt)
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,10 @@ def validate(cfg: Config) -> None:
     elif cfg.loss.sc_maps == "decomposed" and cfg.model.projection_layers != 1:
         errors.append("loss.sc_maps=decomposed needs a linear projection head (model.projection_layers=1): only "
                       "then is the mean of the maps the GEI cosine")
+    if not 0.0 <= cfg.model.drop_path_rate < 1.0:
+        errors.append(f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
+    elif cfg.model.drop_path_rate and cfg.model.arch in ("tiny", "resnet18", "resnet34", "resnet50"):
+        errors.append(f"model.drop_path_rate (stochastic depth) is for the timm-layout backbones, not {cfg.model.arch}")
     if cfg.model.projection_layers not in (1, 2):
         errors.append(f"model.projection_layers must be 1 or 2, got {cfg.model.projection_layers}")
     if cfg.loss.w_consistency < 0:

@@ -126,7 +126,8 @@ def build_model(cfg: Config, num_classes: int) -> Any:
     return models.create(cfg.model.arch, num_classes, head="gei" if uses_gei(cfg) else "linear",
                          embed_dim=cfg.model.embed_dim, in_channels=cfg.data.channels,
                          dtype=jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32,
-                         remat=cfg.model.remat, projection_layers=cfg.model.projection_layers)
+                         remat=cfg.model.remat, projection_layers=cfg.model.projection_layers,
+                         **({"drop_path_rate": cfg.model.drop_path_rate} if cfg.model.drop_path_rate else {}))
 
 
 def init_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:

@@ -67,6 +67,7 @@ class BackboneSpec:
     torch_tokens: bool = False
     num_prefix_tokens: int = 0
     min_image_size: int = 32
+    pooled_channels: int | None = None  # width of ``pool``'s output when it is not the last stage's (AlexNet: 4096)
     aux_stage: str | None = None  # an auxiliary classifier reads this stage's carry in training (InceptionV3)
     description: str = ""
 
