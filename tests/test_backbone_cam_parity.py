@@ -85,14 +85,26 @@ def _compare(pair, method, stage, batch=2, **cam_kwargs):
     assert min(corr) > 0.99, (arch, method, stage, corr)
 
 
+# Conventions where pytorch-grad-cam differs on token maps (docs/explain.md): Eigen-CAM there keeps
+# LAPACK's arbitrary sign of the component (here: oriented with the mean activation, which agrees on
+# post-ReLU CNN maps but not on signed tokens), and its ViT ablation writes min - 1e7 into a channel
+# instead of zeroing it. Both are compared on the CNNs only.
+TOKEN_CONVENTIONS = ("eigencam", "ablationcam")
+
+
+def _skip_token_convention(arch, method):
+    if models.BACKBONES[arch].torch_tokens and method in TOKEN_CONVENTIONS:
+        pytest.skip(f"{method} on token maps: a documented convention difference (docs/explain.md)")
+
+
 @pytest.mark.parametrize("method", ONE_PASS)
 def test_gradient_cams_and_eigencam_match(pair, method):
+    _skip_token_convention(pair[0], method)
     for stage in CASES[pair[0]][1]:
         _compare(pair, method, stage)
 
 
 def test_ablation_cam_matches(pair):
     arch = pair[0]
-    # pytorch-grad-cam ablates token channels with its ViT layer (prefix tokens kept), as documented.
-    kw = {"ablation_layer": pgc.AblationLayerVit()} if models.BACKBONES[arch].torch_tokens else {}
-    _compare(pair, "ablationcam", CASES[arch][1][-1], batch=1, **kw)
+    _skip_token_convention(arch, "ablationcam")
+    _compare(pair, "ablationcam", CASES[arch][1][-1], batch=1)
