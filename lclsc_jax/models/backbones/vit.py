@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -138,6 +139,19 @@ class PatchEmbed(nn.Module):
         return self.proj(x)
 
 
+def attention_implementation(dtype: Any) -> str | None:
+    """Which ``jax.nn.dot_product_attention`` kernel to ask for: cuDNN's fused one on a GPU in bf16/fp16.
+
+    ``LCLSC_ATTENTION=xla`` forces XLA's (what jax picks when none is named), ``cudnn`` the fused one.
+    """
+    choice = os.environ.get("LCLSC_ATTENTION", "auto")
+    if choice in ("xla", "cudnn"):
+        return choice
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return None
+
+
 class Attention(nn.Module):
     """timm ``Attention``: fused ``qkv`` Linear, scaled dot-product attention, ``proj``: (B, N, C) -> (B, N, C)."""
 
@@ -154,7 +168,13 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each
-        y = jax.nn.dot_product_attention(q, k, v)
+        impl = attention_implementation(q.dtype)
+        try:
+            y = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+        except (NotImplementedError, ValueError, RuntimeError):  # cuDNN refuses this shape/version: XLA's
+            if impl != "cudnn":
+                raise
+            y = jax.nn.dot_product_attention(q, k, v)
         return self.proj(y.reshape(b, n, c))
 
 
