@@ -34,8 +34,8 @@ def test_stage_shapes_follow_the_spec(arch):
     for stage, c, s in zip(spec.stage_names, spec.stage_channels, spec.stage_strides):
         b, h, w, ch = out["features"][stage].shape
         assert ch == c, (stage, ch, c)
-        # every stage's grid is the image over its stride, up to the rounding of padded/valid convs
-        assert abs(h - size / s) <= 3 and h >= 1, (stage, h, size, s)
+        # every stage's grid is the image over its stride, up to the pixels unpadded convs lose (InceptionV3: 3.75)
+        assert abs(h - size / s) <= 4 and h >= 1, (stage, h, size, s)
     assert out["pooled"].shape == (2, spec.stage_channels[-1]) or out["pooled"].shape[0] == 2
     assert out["logits"].shape == (2, 3)
     assert out["local_embedding"].shape[:1] == (2,) and out["local_embedding"].shape[-1] == 16

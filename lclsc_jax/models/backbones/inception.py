@@ -82,7 +82,7 @@ def avg_pool_3x3_s1(x: jax.Array) -> jax.Array:
 
 
 class BasicConv2d(nn.Module):
-    """timm ``ConvNormAct``: bias-free conv (torch padding) -> BatchNorm (eps 1e-3) -> ReLU: (B, H, W, Cin) -> (B, h, w, features)."""
+    """timm ``ConvNormAct``: bias-free conv -> BatchNorm (eps 1e-3) -> ReLU: (B, H, W, Cin) -> (B, h, w, features)."""
 
     features: int
     kernel: tuple[int, int] = (1, 1)
@@ -240,7 +240,7 @@ class InceptionE(nn.Module):
 
 
 class InceptionAux(nn.Module):
-    """timm ``InceptionAux``: avg pool 5/3 -> conv0 1x1 -> conv1 5x5 -> global mean -> fc: (B, h>=17, w>=17, 768) -> (B, classes) f32."""
+    """timm ``InceptionAux``: avg pool 5/3, conv0 1x1, conv1 5x5, mean, fc: (B, >=17, >=17, 768) -> (B, classes) f32."""
 
     num_classes: int
     dtype: Dtype = jnp.float32
