@@ -308,7 +308,10 @@ def load(name_or_file: str = "default", overrides: list[str] | dict[str, Any] | 
 
 LOSSES = ("lcl_sc", "lcl", "supcon", "ce")
 #: ``models.ARCHS`` (a test keeps the two equal; listed here so a config is checked without importing Flax).
-ARCHS = ("tiny", "resnet18", "resnet34", "resnet50")
+CORE_ARCHS = ("tiny", "resnet18", "resnet34", "resnet50")
+ARCHS = (*CORE_ARCHS, "tf_efficientnetv2_s", "efficientnetv2_s", "inception_v3", "inception_v3_aux",
+         "vit_small_patch16", "vit_small_patch16_gap", "vit_base_patch16", "vit_base_patch16_gap",
+         "convnext_tiny", "densenet121", "alexnet", "lenet5")
 #: The SC maps of ``loss.sc_maps``.
 SC_MAPS = ("cosine", "decomposed")
 #: What training validation measures (higher is better), for ``train.best_metric``.
@@ -331,7 +334,7 @@ def validate(cfg: Config) -> None:
                       "then is the mean of the maps the GEI cosine")
     if not 0.0 <= cfg.model.drop_path_rate < 1.0:
         errors.append(f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
-    elif cfg.model.drop_path_rate and cfg.model.arch in ("tiny", "resnet18", "resnet34", "resnet50"):
+    elif cfg.model.drop_path_rate and cfg.model.arch in CORE_ARCHS:
         errors.append(f"model.drop_path_rate (stochastic depth) is for the timm-layout backbones, not {cfg.model.arch}")
     if cfg.model.projection_layers not in (1, 2):
         errors.append(f"model.projection_layers must be 1 or 2, got {cfg.model.projection_layers}")
