@@ -16,22 +16,25 @@ mkdir -p "$OUT"
 HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python3}
 SCALE=${BENCH_LIMIT_S:-1.0}
+SIZE=${BENCH_SIZE:-224}     # smaller values only to try the script out on a CPU
+BATCH=${BENCH_BATCH:-128}
+STEPS=${BENCH_STEPS:-10}
 lim() { $PY -c "print(int($1 * $SCALE))"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>/dev/null || true
 $PY -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" | tee "$OUT/versions.txt"
 
 ARCHS=${ARCHS:-resnet50,vit_base_patch16,tf_efficientnetv2_s,convnext_tiny,vit_small_patch16,densenet121,inception_v3,efficientnetv2_s,resnet18,alexnet}
-timeout "$(lim 300)" $PY "$HERE/backbones.py" --archs "$ARCHS" --image-size 224 --dtype bfloat16 --batch 128 \
-    --steps 10 --repeats 3 --torch --out "$OUT/backbones.json" > "$OUT/backbones.md" 2> "$OUT/backbones.log"
+timeout "$(lim 300)" $PY "$HERE/backbones.py" --archs "$ARCHS" --image-size "$SIZE" --dtype bfloat16 --batch "$BATCH" \
+    --steps "$STEPS" --repeats 3 --torch --out "$OUT/backbones.json" > "$OUT/backbones.md" 2> "$OUT/backbones.log"
 echo "backbones: rc $?"; cat "$OUT/backbones.md"
-timeout "$(lim 110)" $PY "$HERE/train_step.py" --arch resnet50 --image-size 224 --dtype bfloat16 --batch 256 \
-    --losses ce,lcl_sc --steps 10 --repeats 3 --out "$OUT/train_step.json" > "$OUT/train_step.md" 2> "$OUT/train_step.log"
+timeout "$(lim 110)" $PY "$HERE/train_step.py" --arch resnet50 --image-size "$SIZE" --dtype bfloat16 --batch $((2 * BATCH)) \
+    --losses ce,lcl_sc --steps "$STEPS" --repeats 3 --out "$OUT/train_step.json" > "$OUT/train_step.md" 2> "$OUT/train_step.log"
 echo "train_step: rc $?"; cat "$OUT/train_step.md"
-timeout "$(lim 110)" $PY "$HERE/backbones.py" --archs resnet50,vit_base_patch16 --image-size 224 --dtype bfloat16 \
-    --batch 128 --steps 10 --repeats 3 --torch --torch-compile --out "$OUT/torch_compile.json" \
+timeout "$(lim 110)" $PY "$HERE/backbones.py" --archs resnet50,vit_base_patch16 --image-size "$SIZE" --dtype bfloat16 \
+    --batch "$BATCH" --steps "$STEPS" --repeats 3 --torch --torch-compile --out "$OUT/torch_compile.json" \
     > "$OUT/torch_compile.md" 2> "$OUT/torch_compile.log"
 echo "torch_compile: rc $?"; cat "$OUT/torch_compile.md"
-timeout "$(lim 60)" $PY "$HERE/pipeline_throughput.py" --batch 256 --sizes 224 --steps 10 \
+timeout "$(lim 60)" $PY "$HERE/pipeline_throughput.py" --batch $((2 * BATCH)) --sizes "$SIZE" --steps "$STEPS" \
     --workers 0 $(( $(nproc) > 8 ? $(nproc) - 2 : 2 )) > "$OUT/pipeline.md" 2> "$OUT/pipeline.log"
 echo "pipeline: rc $?"; cat "$OUT/pipeline.md"
 echo "results in $OUT"
