@@ -1,6 +1,6 @@
 """CAMs on the timm-layout backbones against pytorch-grad-cam 1.5.7 on the same weights (optional).
 
-EfficientNetV2-S (both paddings), InceptionV3 and ViT-S/16 (the mean-pool variant: its token grid
+EfficientNetV2-S (both paddings), InceptionV3, ConvNeXt-T, DenseNet-121 and ViT-S/16 (the mean-pool variant: its token grid
 is the feature map; pytorch-grad-cam reads it through a reshape transform, its documented ViT
 convention), one inner and one late stage each, every gradient CAM and Eigen-CAM, plus one
 perturbation CAM (Ablation-CAM) on one stage. The timm model holds random weights with random
@@ -40,6 +40,8 @@ CASES = {
     "efficientnetv2_s": (64, ("stage6",)),
     "inception_v3": (96, ("stage4", "stage5")),
     "vit_small_patch16_gap": (64, ("stage3", "stage4")),
+    "convnext_tiny": (64, ("stage3", "stage4")),
+    "densenet121": (64, ("stage3", "stage4")),
 }
 
 
