@@ -125,7 +125,6 @@ def torch_row(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         windows.append((time.perf_counter() - t0) / args.steps)
     step_s = statistics.median(windows)
-    del net, opt
     gc.collect()
     return {"torch_step_s": step_s, "torch_images_per_s": args.batch / step_s, "torch_warmup_s": warm_s,
             "torch_compile": bool(args.torch_compile), "torch_amp_bf16": amp,

@@ -10,6 +10,7 @@ when called), then removes the stubs, so nothing else sees a torchvision that is
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -110,7 +111,8 @@ def reference_model(arch: str, num_classes: int = 0, in_channels: int = 3, **kwa
 
     spec = BACKBONES[arch]
     if spec.torch_module is not None:
-        net = spec.torch_module(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        module, _, fn = spec.torch_module.partition(":")
+        net = getattr(importlib.import_module(module), fn)(num_classes=num_classes, in_channels=in_channels, **kwargs)
     else:
         timm = require_timm()
         net = timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels,

@@ -226,20 +226,6 @@ class LeNet5(ClassicCNN):
     STAGES: ClassVar[tuple[str, ...]] = ("stage1", "stage2")
 
 
-def _torch_alexnet(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> Any:
-    """The PyTorch reference (:func:`lclsc_jax.interop.torch_classic.torch_alexnet`), imported lazily."""
-    from lclsc_jax.interop.torch_classic import torch_alexnet
-
-    return torch_alexnet(num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-
-def _torch_lenet5(num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> Any:
-    """The PyTorch reference (:func:`lclsc_jax.interop.torch_classic.torch_lenet5`), imported lazily."""
-    from lclsc_jax.interop.torch_classic import torch_lenet5
-
-    return torch_lenet5(num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-
 SPECS: tuple[BackboneSpec, ...] = (
     BackboneSpec(
         name="alexnet",
@@ -251,7 +237,7 @@ SPECS: tuple[BackboneSpec, ...] = (
         classifier_key="classifier.6",
         torch_stages=("features.2", "features.5", "features.7", "features.9", "features.12"),
         projection_key="head",
-        torch_module=_torch_alexnet,
+        torch_module="lclsc_jax.interop.torch_classic:torch_alexnet",
         min_image_size=63,
         pooled_channels=4096,
         description="AlexNet (torchvision layout; hidden Linears classifier.1/.4 in the backbone, pooled 4096-d)",
@@ -266,7 +252,7 @@ SPECS: tuple[BackboneSpec, ...] = (
         classifier_key="classifier.4",
         torch_stages=("features.2", "features.5"),
         projection_key="head",
-        torch_module=_torch_lenet5,
+        torch_module="lclsc_jax.interop.torch_classic:torch_lenet5",
         min_image_size=32,
         pooled_channels=84,
         description="LeNet-5 (ReLU, max pool, adaptive 5x5 pool; hidden Linears classifier.0/.2 in the backbone, "

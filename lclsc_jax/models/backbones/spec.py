@@ -47,8 +47,9 @@ class BackboneSpec:
     torch prefix of the final ``Linear`` (our ``fc``) and ``projection_key`` that of our projection
     head (``head``); ``droppable`` lists torch prefixes skipped (not an error) when the model has no
     such module (InceptionV3's ``AuxLogits``). ``timm_name`` / ``timm_kwargs`` build the reference
-    with ``timm.create_model``; ``torch_module`` (``(num_classes, in_channels) -> torch module``)
-    builds it where timm has none (LeNet-5, AlexNet).
+    with ``timm.create_model``; ``torch_module`` names (``"module:function"``, so this layer imports no
+    interop code) a ``(num_classes, in_channels) -> torch module`` function that builds it where
+    timm has none (LeNet-5, AlexNet).
     """
 
     name: str
@@ -63,7 +64,7 @@ class BackboneSpec:
     droppable: tuple[str, ...] = ()
     timm_name: str | None = None
     timm_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    torch_module: Callable[..., Any] | None = None
+    torch_module: str | None = None  # "package.module:function" (resolved by interop: models import no torch code)
     torch_tokens: bool = False
     num_prefix_tokens: int = 0
     min_image_size: int = 32
