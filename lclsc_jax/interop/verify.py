@@ -173,6 +173,8 @@ def _registry_reference(torch: Any, sd: Mapping[str, np.ndarray], arch: str, cfg
         hook.remove()
     out: dict[str, Any] = {"features": {k: np.transpose(v, (0, 3, 1, 2)) for k, v in feats.items()},
                            "pooled": pooled["x"].double().numpy()}
+    if isinstance(logits, tuple):  # timm's InceptionV3 with its auxiliary head: (logits, aux logits)
+        logits = logits[0]
     if cfg["head"] == "linear":
         out["logits"] = logits.double().numpy()
     if cfg["projection"]:
