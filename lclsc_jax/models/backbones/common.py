@@ -16,7 +16,9 @@ def adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
 
 
 def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-    """torch ``AdaptiveAvgPool2d(out_hw)`` exactly (overlapping bins when sizes do not divide): (B, H, W, C) -> (B, oh, ow, C).
+    """torch ``AdaptiveAvgPool2d(out_hw)`` exactly (overlapping bins when sizes do not divide).
+
+    (B, H, W, C) -> (B, oh, ow, C).
 
     Written as two averaging matrices, so it is one pair of matmuls on any size and differentiable.
     """
@@ -51,3 +53,52 @@ class DropPath(nn.Module):
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def timm_dense(features: int, dtype: object) -> nn.Dense:
+    """torch ``nn.Linear`` with timm's ViT/ConvNeXt init (normal std .02, zero bias): (..., in) -> (..., features)."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=nn.initializers.normal(0.02),
+                    bias_init=nn.initializers.zeros)
+
+
+class Mlp(nn.Module):
+    """timm ``Mlp`` (``use_conv=False``): ``fc1`` - exact GELU - ``fc2``: (..., C) -> (..., C)."""
+
+    dim: int
+    hidden: int
+    dtype: object = jnp.float32
+
+    def setup(self) -> None:
+        self.fc1 = timm_dense(self.hidden, self.dtype)
+        self.fc2 = timm_dense(self.dim, self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., C) -> (..., C)."""
+        return self.fc2(nn.gelu(self.fc1(x), approximate=False))
+
+
+class MapCarry:
+    """Mixin of the CNN backbones whose carry is the feature map and whose head pools it globally.
+
+    ``to_map`` / ``from_map`` are the identity (re-entry casts to ``self.dtype``), ``pool`` is timm's
+    ``forward_head(pre_logits=True)`` for a global-average head: (B, h, w, c) -> (B, c) float32, and
+    ``local`` the map itself in float32.
+    """
+
+    dtype: object
+
+    def to_map(self, name: str, carry: jax.Array) -> jax.Array:
+        """The stage's output as a map (B, h, w, c): the carry itself."""
+        return carry
+
+    def from_map(self, name: str, fmap: jax.Array) -> jax.Array:
+        """Re-entry carry from a map (B, h, w, c): the map itself in ``dtype``."""
+        return fmap.astype(self.dtype)
+
+    def pool(self, carry: jax.Array, train: bool = False) -> jax.Array:
+        """Global average: (B, h, w, c) -> (B, c) float32."""
+        return jnp.mean(carry.astype(jnp.float32), axis=(1, 2))
+
+    def local(self, carry: jax.Array, train: bool = False) -> jax.Array:
+        """Per-location pre-logits: the last map (B, h, w, c) as float32."""
+        return carry.astype(jnp.float32)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lclsc_jax.models.backbones.common import DropPath
+from lclsc_jax.models.backbones.common import DropPath, Mlp
 from lclsc_jax.models.backbones.spec import BackboneSpec
 
 Dtype = Any
@@ -103,20 +103,6 @@ class Downsample(nn.Module):
         return getattr(self, "1")(getattr(self, "0")(x))
 
 
-class Mlp(nn.Module):
-    """timm ``Mlp`` (``use_conv=False``): ``fc1`` - exact GELU - ``fc2``: (..., C) -> (..., C)."""
-
-    dim: int
-    hidden: int
-    dtype: Dtype = jnp.float32
-
-    def setup(self) -> None:
-        self.fc1 = _dense(self.hidden, self.dtype)
-        self.fc2 = _dense(self.dim, self.dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(..., C) -> (..., C)."""
-        return self.fc2(nn.gelu(self.fc1(x), approximate=False))
 
 
 class ConvNeXtBlock(nn.Module):

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lclsc_jax.models.backbones.common import MapCarry
 from lclsc_jax.models.backbones.spec import BackboneSpec
 from lclsc_jax.models.layers import max_pool_3x3_s2, patch_conv
 
@@ -152,7 +153,7 @@ class Features(nn.Module):
         return nn.relu(self.norm5(x, use_running_average=ra))
 
 
-class DenseNet(nn.Module):
+class DenseNet(MapCarry, nn.Module):
     """DenseNet-121 backbone in timm's layout; stages ``stem``, ``stage1``..``stage4`` (see the module docstring).
 
     ``stage(name, x, train)``: (B, H, W, c_in) -> (B, h, w, c); ``pool``: (B, h, w, 1024) -> (B, 1024)
@@ -175,21 +176,6 @@ class DenseNet(nn.Module):
             x = x.astype(self.dtype)
         return self.features(x, STAGE_NAMES.index(name), train)
 
-    def to_map(self, name: str, carry: jax.Array) -> jax.Array:
-        """The stage's output as a map (B, h, w, c): the carry itself."""
-        return carry
-
-    def from_map(self, name: str, fmap: jax.Array) -> jax.Array:
-        """Re-entry carry from a map (B, h, w, c): the map itself in ``dtype``."""
-        return fmap.astype(self.dtype)
-
-    def pool(self, carry: jax.Array, train: bool = False) -> jax.Array:
-        """timm ``forward_head(pre_logits=True)``: global average (B, h, w, c) -> (B, c) float32."""
-        return jnp.mean(carry.astype(jnp.float32), axis=(1, 2))
-
-    def local(self, carry: jax.Array, train: bool = False) -> jax.Array:
-        """Per-location pre-logits: the ``norm5`` map (B, h, w, c) as float32."""
-        return carry.astype(jnp.float32)
 
 
 def _stage_channels() -> tuple[int, ...]:

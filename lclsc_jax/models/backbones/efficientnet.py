@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lclsc_jax.models.backbones.common import DropPath, tf_same_padding
+from lclsc_jax.models.backbones.common import DropPath, MapCarry, tf_same_padding
 from lclsc_jax.models.backbones.spec import BackboneSpec
 
 Dtype = Any
@@ -231,7 +231,7 @@ class Blocks(nn.Module):
 STAGE_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "conv_head")
 
 
-class EfficientNetV2(nn.Module):
+class EfficientNetV2(MapCarry, nn.Module):
     """EfficientNetV2-S backbone in timm's layout; stages ``stem``, ``stage1``..``stage6``, ``conv_head``.
 
     ``stage(name, x, train)``: (B, H, W, c_in) -> (B, h, w, c) (``stem`` takes the images);
@@ -266,21 +266,6 @@ class EfficientNetV2(nn.Module):
             raise ValueError(f"unknown stage {name!r}; expected one of {STAGE_NAMES}")
         return self.blocks(x, int(name.removeprefix("stage")) - 1, train)
 
-    def to_map(self, name: str, carry: jax.Array) -> jax.Array:
-        """The stage's output as a map (B, h, w, c): the carry itself."""
-        return carry
-
-    def from_map(self, name: str, fmap: jax.Array) -> jax.Array:
-        """Re-entry carry from a map (B, h, w, c): the map itself."""
-        return fmap.astype(self.dtype)
-
-    def pool(self, carry: jax.Array, train: bool = False) -> jax.Array:
-        """timm ``forward_head(pre_logits=True)``: global average (B, h, w, c) -> (B, c) float32."""
-        return jnp.mean(carry.astype(jnp.float32), axis=(1, 2))
-
-    def local(self, carry: jax.Array, train: bool = False) -> jax.Array:
-        """Per-location pre-logits: the ``conv_head`` map (B, h, w, c) as float32."""
-        return carry.astype(jnp.float32)
 
 
 def _stage_channels() -> tuple[int, ...]:

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lclsc_jax.models.backbones.common import MapCarry
 from lclsc_jax.models.backbones.spec import BackboneSpec
 from lclsc_jax.models.layers import patch_conv
 
@@ -259,7 +260,7 @@ class InceptionAux(nn.Module):
         return self.fc(x.astype(self.dtype)).astype(jnp.float32)
 
 
-class InceptionV3(nn.Module):
+class InceptionV3(MapCarry, nn.Module):
     """InceptionV3 backbone in timm's layout; stages ``stage1``..``stage5`` (see the module docstring).
 
     ``stage(name, x, train)``: (B, H, W, c_in) -> (B, h, w, c) (``stage1`` takes the images, H, W >= 75);
@@ -309,14 +310,6 @@ class InceptionV3(nn.Module):
             x = max_pool_3x3_s2(x) if layer.startswith("Pool") else getattr(self, layer)(x, train)
         return x
 
-    def to_map(self, name: str, carry: jax.Array) -> jax.Array:
-        """The stage's output as a map (B, h, w, c): the carry itself."""
-        return carry
-
-    def from_map(self, name: str, fmap: jax.Array) -> jax.Array:
-        """Re-entry carry from a map (B, h, w, c): the map itself."""
-        return fmap.astype(self.dtype)
-
     def aux(self, carry: jax.Array, train: bool = False) -> jax.Array:
         """timm ``AuxLogits`` on the ``Mixed_6e`` map: (B, h >= 17, w >= 17, 768) -> (B, aux_classes) float32."""
         if not self.aux_logits:
@@ -333,11 +326,8 @@ class InceptionV3(nn.Module):
         if self.aux_logits and self.is_initializing():
             # The auxiliary head runs in training only; create its variables whatever the init image size.
             self.AuxLogits(jnp.zeros((1, AUX_MIN_MAP, AUX_MIN_MAP, AUX_CHANNELS), self.dtype), False)
-        return jnp.mean(carry.astype(jnp.float32), axis=(1, 2))
+        return MapCarry.pool(self, carry, train)
 
-    def local(self, carry: jax.Array, train: bool = False) -> jax.Array:
-        """Per-location pre-logits: the ``Mixed_7c`` map (B, h, w, 2048) as float32."""
-        return carry.astype(jnp.float32)
 
 
 _COMMON: dict[str, Any] = dict(

@@ -75,6 +75,7 @@ class BackboneSpec:
     def __post_init__(self) -> None:
         n = len(self.stage_names)
         if not (len(self.stage_channels) == len(self.stage_strides) == len(self.torch_stages) == n):
-            raise ValueError(f"{self.name}: stage_names, stage_channels, stage_strides and torch_stages differ in length")
+            raise ValueError(
+                f"{self.name}: stage_names, stage_channels, stage_strides and torch_stages differ in length")
         if (self.timm_name is None) == (self.torch_module is None):
             raise ValueError(f"{self.name}: give exactly one of timm_name and torch_module")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lclsc_jax.models.backbones.common import DropPath
+from lclsc_jax.models.backbones.common import DropPath, Mlp
 from lclsc_jax.models.backbones.spec import BackboneSpec
 
 Dtype = Any
@@ -178,20 +178,6 @@ class Attention(nn.Module):
         return self.proj(y.reshape(b, n, c))
 
 
-class Mlp(nn.Module):
-    """timm ``Mlp``: ``fc1`` - exact GELU - ``fc2``: (B, N, C) -> (B, N, C)."""
-
-    dim: int
-    hidden: int
-    dtype: Dtype = jnp.float32
-
-    def setup(self) -> None:
-        self.fc1 = _dense(self.hidden, self.dtype)
-        self.fc2 = _dense(self.dim, self.dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, N, C) -> (B, N, C)."""
-        return self.fc2(nn.gelu(self.fc1(x), approximate=False))
 
 
 class Block(nn.Module):
