@@ -57,6 +57,19 @@ def test_primitives_against_jax():
 
 
 @pytest.mark.parametrize("arch, padding", [("tiny", "reflect"), ("resnet18", "zeros")])
+def test_average_pooling_and_exact_gelu_against_jax():
+    # DenseNet's / InceptionV3's average pools (reduce_window_sum, padding counted, odd sizes) and the
+    # exact GELU of ViT / ConvNeXt (erfc).
+    def fn(x):
+        a = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 2, 1, 1), ((0, 0), (1, 1), (0, 2), (0, 0)))
+        return {"a": a / 9.0, "g": jax.nn.gelu(x, approximate=False), "e": jax.lax.erfc(x)}
+
+    x = np.random.default_rng(1).normal(size=(2, 7, 6, 3)).astype(np.float32)
+    got, want = _run_onnx(jax_to_onnx(fn, x), x), jax.jit(fn)(x)
+    for name in ("a", "g", "e"):
+        np.testing.assert_allclose(got[name], np.asarray(want[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_models_with_both_heads(arch, padding):
     m = models.create(arch, 3, head="linear" if arch == "resnet18" else "gei", in_channels=1, embed_dim=8,
                       padding=padding)

@@ -192,20 +192,33 @@ def _conv(g: _Graph, eqn: Any, x: list[str]) -> str:
     return _transpose(g, y, np.argsort(dn.out_spec))
 
 
-def _reduce_window_max(g: _Graph, eqn: Any, x: list[str]) -> str:
-    p = eqn.params
-    win, strides, pad = p["window_dimensions"], p["window_strides"], p["padding"]
-    if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
-        raise UnsupportedPrimitiveError("reduce_window_max with dilations has no ONNX MaxPool")
-    spatial = [i for i in range(len(win)) if win[i] != 1 or strides[i] != 1 or pad[i] != (0, 0)]
-    rest = [i for i in range(len(win)) if i not in spatial]
-    if len(rest) != 2:
-        raise UnsupportedPrimitiveError(f"reduce_window_max over axes {spatial} of a rank-{len(win)} array")
-    perm = rest + spatial
-    y = g.op("MaxPool", [_transpose(g, x[0], perm)], kernel_shape=[int(win[i]) for i in spatial],
-             strides=[int(strides[i]) for i in spatial],
-             pads=[int(pad[i][0]) for i in spatial] + [int(pad[i][1]) for i in spatial])
-    return _transpose(g, y, np.argsort(perm))
+def _pool(op_type: str) -> Callable:
+    """``reduce_window_max`` -> ``MaxPool``; ``reduce_window_sum`` -> ``AveragePool`` (padding counted) x window size."""
+
+    def emit(g: _Graph, eqn: Any, x: list[str]) -> str:
+        p = eqn.params
+        win, strides, pad = p["window_dimensions"], p["window_strides"], p["padding"]
+        if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
+            raise UnsupportedPrimitiveError(f"{eqn.primitive.name} with dilations has no ONNX {op_type}")
+        spatial = [i for i in range(len(win)) if win[i] != 1 or strides[i] != 1 or pad[i] != (0, 0)]
+        rest = [i for i in range(len(win)) if i not in spatial]
+        if len(rest) != 2:
+            raise UnsupportedPrimitiveError(f"{eqn.primitive.name} over axes {spatial} of a rank-{len(win)} array")
+        perm = rest + spatial
+        attrs = dict(kernel_shape=[int(win[i]) for i in spatial], strides=[int(strides[i]) for i in spatial],
+                     pads=[int(pad[i][0]) for i in spatial] + [int(pad[i][1]) for i in spatial])
+        if op_type == "AveragePool":
+            attrs["count_include_pad"] = 1
+        y = g.op(op_type, [_transpose(g, x[0], perm)], **attrs)
+        if op_type == "AveragePool":  # the window's sum = its mean (zeros counted) x its size
+            y = g.op("Mul", [y, g.const(np.prod([int(win[i]) for i in spatial]), eqn.invars[0].aval.dtype)])
+        return _transpose(g, y, np.argsort(perm))
+
+    return emit
+
+
+def _erfc(g: _Graph, eqn: Any, x: list[str]) -> str:
+    return g.op("Sub", [g.const(1.0, eqn.invars[0].aval.dtype), g.op("Erf", [x[0]])])
 
 
 def _pad(g: _Graph, eqn: Any, x: list[str]) -> str:
@@ -275,7 +288,7 @@ _HANDLERS: dict[str, Callable] = {
     "expand_dims": _reshape, "broadcast_in_dim": _broadcast_in_dim, "transpose": _transpose_eqn,
     "reduce_sum": _reduce("ReduceSum"), "reduce_max": _reduce("ReduceMax"), "reduce_min": _reduce("ReduceMin"),
     "argmax": _argmax, "dot_general": _dot_general, "conv_general_dilated": _conv,
-    "reduce_window_max": _reduce_window_max, "pad": _pad, "slice": _slice, "rev": _rev,
+    "reduce_window_max": _pool("MaxPool"), "reduce_window_sum": _pool("AveragePool"), "erfc": _erfc, "pad": _pad, "slice": _slice, "rev": _rev,
     "concatenate": _concatenate, "select_n": _select_n, "clamp": _clamp, "iota": _iota, "split": _split,
     "copy": _identity, "copy_p": _identity, "stop_gradient": _identity, "reduce_precision": _identity,
     "optimization_barrier": None,  # handled in _emit: several operands pass through
