@@ -56,7 +56,6 @@ def test_primitives_against_jax():
         assert got[name].dtype == np.asarray(want[name]).dtype
 
 
-@pytest.mark.parametrize("arch, padding", [("tiny", "reflect"), ("resnet18", "zeros")])
 def test_average_pooling_and_exact_gelu_against_jax():
     # DenseNet's / InceptionV3's average pools (reduce_window_sum, padding counted, odd sizes) and the
     # exact GELU of ViT / ConvNeXt (erfc).
@@ -70,6 +69,7 @@ def test_average_pooling_and_exact_gelu_against_jax():
         np.testing.assert_allclose(got[name], np.asarray(want[name]), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("arch, padding", [("tiny", "reflect"), ("resnet18", "zeros")])
 def test_models_with_both_heads(arch, padding):
     m = models.create(arch, 3, head="linear" if arch == "resnet18" else "gei", in_channels=1, embed_dim=8,
                       padding=padding)
