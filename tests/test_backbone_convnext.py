@@ -19,6 +19,8 @@ from lclsc_jax.interop.timm_reference import reference_model, stage_outputs
 from lclsc_jax.interop.torch_reference import randomize_batch_norm
 from lclsc_jax.models.backbones import convnext
 
+from torch_helpers import assert_export_round_trip, assert_stages_match  # noqa: E402 - tests/ helper
+
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 ARCH = "convnext_tiny"
@@ -78,22 +80,12 @@ def test_parity(ref):
     assert d_pool <= 1e-4, d_pool
     assert d_local <= 1e-4, d_local
     assert set(out["features"]) == set(convnext.STAGE_NAMES)
-    spec = models.BACKBONES[ARCH]
-    for name, c, g in zip(spec.stage_names, spec.stage_channels, GRIDS):
-        got = np.asarray(out["features"][name], np.float64)
-        assert got.shape == feats[name].shape == (2, g, g, c), name
-        d = float(np.abs(got - feats[name]).max())
-        assert d <= 1e-5 * max(1.0, float(np.abs(feats[name]).max())), (name, d)  # measured <= 6e-6 absolute
+    assert_stages_match(out, feats, models.BACKBONES[ARCH], GRIDS)
 
 
 def test_export_round_trip(ref):
     net, _, variables, _ = ref
-    sd = interop.variables_to_state_dict(variables, ARCH)
-    fresh = reference_model(ARCH, num_classes=5)
-    fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
-    x = _images(seed=2)
-    with torch.no_grad():
-        assert torch.equal(fresh(x), net(x))
+    assert_export_round_trip(net, variables, ARCH, _images(seed=2))
 
 
 def test_drop_path_rates_match_timm():

@@ -91,3 +91,28 @@ class Logits(torch.nn.Module):
             return out["logits"]
         z = torch.nn.functional.normalize(out["embedding"], dim=-1)
         return z @ torch.nn.functional.normalize(self.g, dim=-1).T / self.tau
+
+
+def assert_export_round_trip(net, variables, arch, x):
+    """Our variables exported under timm's names load strictly into a fresh reference that computes as ``net``."""
+    import numpy as np
+
+    from lclsc_jax import interop
+    from lclsc_jax.interop.timm_reference import reference_model
+
+    sd = interop.variables_to_state_dict(variables, arch)
+    fresh = reference_model(arch, num_classes=net.num_classes if hasattr(net, "num_classes") else 5)
+    fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+
+def assert_stages_match(out, feats, spec, grids, rel=1e-5):
+    """Every stage of ``out`` has the reference's (B, g, g, c) shape and values within ``rel`` x max(1, max|ref|)."""
+    import numpy as np
+
+    for name, c, g in zip(spec.stage_names, spec.stage_channels, grids):
+        got = np.asarray(out["features"][name], np.float64)
+        assert got.shape == feats[name].shape == (got.shape[0], g, g, c), name
+        d = float(np.abs(got - feats[name]).max())
+        assert d <= rel * max(1.0, float(np.abs(feats[name]).max())), (name, d)

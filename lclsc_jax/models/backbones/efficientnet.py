@@ -276,30 +276,26 @@ def _stage_channels() -> tuple[int, ...]:
 _STRIDES = (2, 2, 4, 8, 16, 16, 32, 32)
 _TORCH_STAGES = ("bn1", *(f"blocks.{i}" for i in range(6)), "bn2")
 
+def _spec(name: str, tf_same: bool, bn_eps: float, description: str) -> BackboneSpec:
+    """The registry entry of one EfficientNetV2-S variant (they differ in padding and BatchNorm eps only)."""
+    return BackboneSpec(
+        name=name,
+        module=functools.partial(EfficientNetV2, tf_same=tf_same, bn_eps=bn_eps),
+        stage_names=STAGE_NAMES,
+        stage_channels=_stage_channels(),
+        stage_strides=_STRIDES,
+        first_key="conv_stem.weight",
+        classifier_key="classifier",
+        torch_stages=_TORCH_STAGES,
+        timm_name=name,
+        description=description,
+    )
+
+
 SPECS: tuple[BackboneSpec, ...] = (
-    BackboneSpec(
-        name="tf_efficientnetv2_s",
-        module=functools.partial(EfficientNetV2, tf_same=True, bn_eps=1e-3),
-        stage_names=STAGE_NAMES,
-        stage_channels=_stage_channels(),
-        stage_strides=_STRIDES,
-        first_key="conv_stem.weight",
-        classifier_key="classifier",
-        torch_stages=_TORCH_STAGES,
-        timm_name="tf_efficientnetv2_s",
-        description="EfficientNetV2-S, TensorFlow 'SAME' padding and BatchNorm eps 1e-3 (timm tf_efficientnetv2_s, "
-                    "the variant with public ImageNet weights); 1280-d pooled features",
-    ),
-    BackboneSpec(
-        name="efficientnetv2_s",
-        module=functools.partial(EfficientNetV2, tf_same=False, bn_eps=1e-5),
-        stage_names=STAGE_NAMES,
-        stage_channels=_stage_channels(),
-        stage_strides=_STRIDES,
-        first_key="conv_stem.weight",
-        classifier_key="classifier",
-        torch_stages=_TORCH_STAGES,
-        timm_name="efficientnetv2_s",
-        description="EfficientNetV2-S, torch symmetric padding and BatchNorm eps 1e-5 (timm efficientnetv2_s)",
-    ),
+    _spec("tf_efficientnetv2_s", True, 1e-3,
+          "EfficientNetV2-S, TensorFlow 'SAME' padding and BatchNorm eps 1e-3 (timm tf_efficientnetv2_s, "
+          "the variant with public ImageNet weights); 1280-d pooled features"),
+    _spec("efficientnetv2_s", False, 1e-5,
+          "EfficientNetV2-S, torch symmetric padding and BatchNorm eps 1e-5 (timm efficientnetv2_s)"),
 )
