@@ -1,4 +1,4 @@
-"""The ``lclsc`` command: train, evaluate, predict, explain, cv, benchmark-cams, ablate, verify, demo, config."""
+"""The ``lclsc`` command: train, pretrain, evaluate, predict, explain, cv, benchmark-cams, ablate, verify, demo, config."""
 
 from __future__ import annotations
 
@@ -101,9 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=DATA_HELP + " (default: the config's data.source)")
     p.add_argument("--config", help="preset name or JSON file (default: 'default', or the workdir's saved config)")
     _add_set(p, "override config keys, e.g. train.lr=3e-4")
-    p.add_argument("--init-from", metavar="FILE", help="start the backbone from PyTorch weights (.pt/.pth/.safetensors, "
-                   "torchvision naming); the heads are re-initialised; see train.freeze_backbone_steps and "
-                   "train.backbone_lr_scale for fine-tuning")
+    p.add_argument("--init-from", metavar="FILE_OR_RUN", help="start the backbone from PyTorch weights "
+                   "(.pt/.pth/.safetensors, torchvision/timm naming) or a `lclsc pretrain` workdir; the heads are "
+                   "re-initialised; see train.freeze_backbone_steps and train.backbone_lr_scale for fine-tuning")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    _add_distributed(p)
+
+    p = sub.add_parser("pretrain", help="self-supervised (SimCLR, DINO) or SupCon pretraining of an encoder",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Pretrain an encoder in WORKDIR on frames without labels (pretrain.objective: "
+                                   "simclr, dino; supcon uses labels). Views are drawn on the device (views.*). "
+                                   "An existing WORKDIR resumes; SIGTERM saves a checkpoint and exits 143. "
+                                   "`lclsc train --init-from WORKDIR` fine-tunes the encoder (docs/pretrain.md).",
+                       epilog="examples:\n  lclsc pretrain --workdir runs/pre --config pretrain\n"
+                              "  lclsc pretrain --workdir runs/dino --config pretrain --set pretrain.objective=dino "
+                              "views.n_local=4\n  lclsc train --workdir runs/ft --config demo --init-from runs/pre")
+    p.add_argument("--workdir", required=True, help="run directory (a local path, gs:// or s3:// URL)")
+    p.add_argument("--data", help=DATA_HELP + "; labels optional (a CSV without a label column, a folder "
+                   "ROOT/<patient>/<frame> with --unlabelled) (default: the config's data.source)")
+    p.add_argument("--unlabelled", action="store_true", help="--data is a folder ROOT/<patient>/<frame> or a CSV "
+                   "without labels")
+    p.add_argument("--config", help="preset name or JSON file (default: 'pretrain', or the workdir's saved config)")
+    _add_set(p, "override config keys, e.g. pretrain.objective=dino train.fsdp=4")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     _add_distributed(p)
 
@@ -391,6 +410,32 @@ def _train(args: argparse.Namespace) -> int:
     summary = loop.train(cfg, args.workdir, init_from=args.init_from, progress=not args.no_progress)
     log(f"finished at step {summary['step']}; validation: {summary['val']}")
     return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from lclsc_jax.train import config as C
+    from lclsc_jax.train import loop, pretrain, sharding
+    from lclsc_jax.train.reporting import log
+
+    sharding.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                                          args.local_devices)
+    overrides = C.parse_overrides(args.set)
+    if args.data:
+        overrides["data.source"] = _source(args.data)
+    if args.unlabelled:
+        overrides["data.labelled"] = False
+    cfg = C.load(args.config) if args.config else (None if _has_config(args.workdir) else C.load("pretrain"))
+    cfg = loop.resolve_config(args.workdir, cfg, overrides)
+    summary = pretrain.pretrain(cfg, args.workdir, progress=not args.no_progress)
+    log(f"finished at step {summary['step']}; probe: {summary['probe']}")
+    return 0
+
+
+def _has_config(workdir: str) -> bool:
+    """Whether ``workdir`` already holds a run's ``config.json`` (a resume)."""
+    from lclsc_jax.data import storage
+
+    return storage.exists(storage.join(workdir, "config.json"))
 
 
 def _source(value: str) -> str:
@@ -736,7 +781,7 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
     return written
 
 
-_COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "explain": _explain, "cv": _cv,
+_COMMANDS = {"train": _train, "pretrain": _pretrain, "evaluate": _evaluate, "predict": _predict, "explain": _explain, "cv": _cv,
              "benchmark-cams": _benchmark_cams, "sanity": _sanity, "synth": _synth, "audit-data": _audit_data, "robustness": _robustness, "ablate": _ablate, "verify": _verify,
              "export": _export, "demo": _demo, "config": _config}
 

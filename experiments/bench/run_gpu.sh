@@ -8,7 +8,9 @@
 # 2. ResNet-50 224 px bf16 batch 256, CE and LCL-SC: MFU and the LCL-SC / CE step-time ratio
 #    -> train_step.json / train_step.md;
 # 3. ResNet-50 and ViT-B/16 in PyTorch with torch.compile (the strongest PyTorch baseline) -> torch_compile.*;
-# 4. the grain input pipeline with this machine's CPU workers (must beat the step's images/s) -> pipeline.md.
+# 4. a SimCLR pretraining step (B frames x 2 views, views drawn on the device) vs a supervised CE step on
+#    2B frames of the same ResNet-50, and the augmentation's share -> pretrain_step.jsonl;
+# 5. the grain input pipeline with this machine's CPU workers (must beat the step's images/s) -> pipeline.md.
 # BENCH_LIMIT_S scales every step's limit (default 1.0).
 set -uo pipefail
 OUT=${1:-${OUT:-runs/bench_gpu}}
@@ -34,6 +36,9 @@ timeout "$(lim 110)" $PY "$HERE/backbones.py" --archs resnet50,vit_base_patch16 
     --batch "$BATCH" --steps "$STEPS" --repeats 3 --torch --torch-compile --out "$OUT/torch_compile.json" \
     > "$OUT/torch_compile.md" 2> "$OUT/torch_compile.log"
 echo "torch_compile: rc $?"; cat "$OUT/torch_compile.md"
+timeout "$(lim 150)" $PY "$HERE/pretrain_step.py" --arch resnet50 --size "$SIZE" --batch "$BATCH" --dtype bfloat16 \
+    --repeats 5 --out "$OUT/pretrain_step.jsonl" > "$OUT/pretrain_step.log" 2>&1
+echo "pretrain_step: rc $?"; cat "$OUT/pretrain_step.jsonl"
 timeout "$(lim 60)" $PY "$HERE/pipeline_throughput.py" --batch $((2 * BATCH)) --sizes "$SIZE" --steps "$STEPS" \
     --workers 0 $(( $(nproc) > 8 ? $(nproc) - 2 : 2 )) > "$OUT/pipeline.md" 2> "$OUT/pipeline.log"
 echo "pipeline: rc $?"; cat "$OUT/pipeline.md"

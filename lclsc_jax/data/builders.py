@@ -338,19 +338,21 @@ def _content_hash(records, class_names, image_size: int, channels: int, source: 
 
 def load_user(
     source: str | os.PathLike, image_size: int, channels: int, cache_dir: str | os.PathLike,
-    allow_outside_root: bool = False,
+    allow_outside_root: bool = False, labelled: bool = True,
 ) -> Dataset:
     """Build (once per content) and open a dataset from a folder or CSV manifest.
 
     A manifest naming files outside its folder is refused unless ``allow_outside_root``.
+    ``labelled=False``: a folder ``ROOT/<patient>/<frame>`` or a manifest without labels, one
+    class ``unlabelled`` (``data.io.scan_folder``, ``data.io.read_manifest``).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     src = Path(source)
     if src.is_dir():
-        class_names, records = data_io.scan_folder(src)
+        class_names, records = data_io.scan_folder(src, labelled=labelled)
     elif src.suffix.lower() == ".csv":
-        class_names, records = data_io.read_manifest(src)
+        class_names, records = data_io.read_manifest(src, labelled=labelled)
         if not allow_outside_root:
             data_io.check_inside_root(src, records)
     else:
@@ -405,6 +407,7 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     synthetic: SyntheticConfig | None = None,
     allow_outside_root: bool = False,
+    labelled: bool = True,
 ) -> Dataset:
     """Build once (cached array_record TFDS dataset) and open ``source`` as a Dataset.
 
@@ -412,6 +415,8 @@ def load(
     manifest. ``image_size`` defaults to 128 (or to ``synthetic.image_size``); giving both
     with different values is an error. Synthetic images are grayscale (channels=1 only).
     A CSV manifest's files must lie in its folder unless ``allow_outside_root`` (``../``, absolute paths).
+    ``labelled=False`` reads a folder or manifest without labels as one class ``unlabelled``
+    (the synthetic data keeps its labels: pretraining hides them by itself).
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     if source == "synthetic":
@@ -425,4 +430,4 @@ def load(
         return load_synthetic(cfg, cache_dir)
     if synthetic is not None:
         raise ValueError("`synthetic` config given but source is not 'synthetic'")
-    return load_user(source, image_size or 128, channels, cache_dir, allow_outside_root)
+    return load_user(source, image_size or 128, channels, cache_dir, allow_outside_root, labelled)

@@ -176,16 +176,37 @@ def _check_patient_once(patient_dirs: dict[str, Path], pdir: Path) -> None:
                         "id must be unique across classes (rename one folder if they are different patients)")
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[RecordSpec]]:
+#: The one class of data without labels (``labelled=False``): pretraining reads it, nothing else needs a label.
+UNLABELLED = "unlabelled"
+
+
+def _scan_patients(root: Path, hidden: list[Path]) -> list[RecordSpec]:
+    """``ROOT/<patient>/<frame>`` files as records of the one class :data:`UNLABELLED`."""
+    records = [RecordSpec(str(f), 0, pdir.name, where=str(f))
+               for pdir in (d for d in _visible(root, hidden) if d.is_dir())
+               for f in _visible(pdir, hidden) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not records:
+        raise DataError(f"{root}: no images (expected ROOT/<patient>/<frame>{{{','.join(IMAGE_EXTENSIONS)}}} "
+                        "for unlabelled frames)")
+    return records
+
+
+def scan_folder(root: str | os.PathLike, labelled: bool = True) -> tuple[tuple[str, ...], list[RecordSpec]]:
     """List ROOT/<class>/<patient>/<frame>.<ext> files; returns (class_names, records).
 
     Hidden entries (names starting with '.') are skipped with a ``DataWarning``; a patient
-    folder name found under two classes is a ``DataError`` naming both folders.
+    folder name found under two classes is a ``DataError`` naming both folders. With
+    ``labelled=False`` the folder is ``ROOT/<patient>/<frame>.<ext>`` (no class level) and every
+    frame is of the one class :data:`UNLABELLED` (never guessed from the layout: the caller says so).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
     hidden: list[Path] = []
+    if not labelled:
+        records = _scan_patients(root, hidden)
+        _warn_hidden(root, hidden)
+        return (UNLABELLED,), records
     class_dirs = [d for d in _visible(root, hidden) if d.is_dir()]
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected ROOT/<class>/<patient>/<frame>.png)")
@@ -252,7 +273,7 @@ def source_path(value: str) -> str:
 
 
 def read_manifest(
-    csv_path: str | os.PathLike, class_names: tuple[str, ...] | None = None
+    csv_path: str | os.PathLike, class_names: tuple[str, ...] | None = None, labelled: bool = True
 ) -> tuple[tuple[str, ...], list[RecordSpec]]:
     """Parse a CSV manifest (path,label,patient[,mask][,split][,sequence][,frame][,diagnostic]); returns (class_names, records).
 
@@ -261,25 +282,30 @@ def read_manifest(
     ``frame`` is a non-negative integer, ``diagnostic`` one of 1/0/true/false/yes/no.
     A patient is one subject with one diagnosis: a patient id given two labels is a
     ``DataError`` naming both rows (as a folder source refuses a patient under two classes).
+    With ``labelled=False`` the ``label`` column is not needed (any given is ignored): every row is
+    of the one class :data:`UNLABELLED`.
     """
     csv_path = Path(csv_path)
+    required = MANIFEST_COLUMNS if labelled else tuple(c for c in MANIFEST_COLUMNS if c != "label")
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: manifest does not exist")
     base = csv_path.parent
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        missing = [c for c in required if c not in header]
         if missing:
+            hint = " (frames without labels: --unlabelled / data.labelled=false)" if missing == ["label"] else ""
             raise DataError(
                 f"{csv_path} line 1: missing column(s) {missing}; header is {header} "
-                f"(required: {list(MANIFEST_COLUMNS)}, optional: {list(OPTIONAL_COLUMNS)})"
+                f"(required: {list(required)}, optional: {list(OPTIONAL_COLUMNS)}){hint}"
             )
         reader.fieldnames = header
         rows = []
         for row in reader:
             line = reader.line_num
-            rows.append((line, {k: (v or "").strip() for k, v in row.items() if k is not None}))
+            cells = {k: (v or "").strip() for k, v in row.items() if k is not None}
+            rows.append((line, cells if labelled else {**cells, "label": UNLABELLED}))
     if not rows:
         raise DataError(f"{csv_path}: manifest has no rows")
     labels_seen = sorted({r["label"] for _, r in rows})

@@ -194,3 +194,26 @@ def split_report(ds: Dataset, splits: dict[str, np.ndarray]) -> str:
         row = [name, *map(str, counts.tolist()), str(len(idx)), str(n_pat)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def label_subset(patients, labels, indices, fraction: float, seed: int) -> np.ndarray:
+    """The records of a random ``fraction`` of the patients in ``indices`` (a label-efficiency run's labelled subset).
+
+    Per class, ``ceil(fraction * patients of the class)`` patients (at least one) are drawn with
+    ``seed``, so every class keeps a labelled patient; ``fraction=1`` returns ``indices`` unchanged.
+    ``patients``, ``labels``: ``(N,)`` per record; ``indices``: record indices; returns sorted int64.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
+    idx = np.sort(np.asarray(indices, np.int64))
+    if fraction == 1.0:
+        return idx
+    pats, labs = _patient_labels(np.asarray(patients)[idx], np.asarray(labels)[idx])
+    rng = np.random.default_rng([int(seed), 0x1ABE1])
+    chosen = []
+    for c in np.unique(labs):
+        members = pats[labs == c]
+        k = max(1, int(np.ceil(fraction * len(members))))
+        chosen.extend(rng.choice(members, k, replace=False).tolist())
+    keep = np.isin(np.asarray(patients)[idx], np.asarray(chosen))
+    return idx[keep]

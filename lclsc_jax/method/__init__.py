@@ -25,6 +25,14 @@ from lclsc_jax.method.saliency_consistency import (
     sc_logits,
     tk_mmp,
 )
+from lclsc_jax.method.self_supervised import (
+    cosine_schedule,
+    dino_center_update,
+    dino_loss,
+    ema_params,
+    nt_xent_loss,
+    teacher_temperature,
+)
 from lclsc_jax.method.transforms import (
     NUM_DIHEDRAL,
     dihedral,
@@ -33,6 +41,12 @@ from lclsc_jax.method.transforms import (
 )
 
 __all__ = [
+    "cosine_schedule",
+    "dino_center_update",
+    "dino_loss",
+    "ema_params",
+    "nt_xent_loss",
+    "teacher_temperature",
     "NUM_DIHEDRAL",
     "apply_transform",
     "class_means",

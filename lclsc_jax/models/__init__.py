@@ -22,6 +22,7 @@ from lclsc_jax.models.model import (
     stage_channels,
     stage_strides,
 )
+from lclsc_jax.models.ssl_heads import DINOHead, SelfSupervisedModel
 from lclsc_jax.models.variables import (
     VariablesMismatchError,
     abstract_variables,
@@ -37,7 +38,9 @@ __all__ = [
     "PADDING_MODES",
     "ArchSpec",
     "BackboneSpec",
+    "DINOHead",
     "Model",
+    "SelfSupervisedModel",
     "VariablesMismatchError",
     "abstract_variables",
     "arch_spec",

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from lclsc_jax.data.settings import AugmentConfig, SyntheticConfig, parse_value
+from lclsc_jax.data.settings import AugmentConfig, SyntheticConfig, ViewsConfig, parse_value
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,7 @@ class DataConfig:
     """Where images come from and how they are fed."""
 
     source: str = "synthetic"  # synthetic | folder path | CSV manifest path
+    labelled: bool = True  # False: a folder ROOT/<patient>/<frame> or a CSV without labels (lclsc pretrain)
     allow_outside_root: bool = False  # a CSV manifest may name files outside its folder (../x.png, /abs/x.png)
     image_size: int = 128
     channels: int = 1
@@ -47,6 +48,9 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     split_seed: int = 0
+    # Label efficiency: train on the labels of this fraction of the training patients (per class, rounded up, at
+    # least one; drawn with `seed`); val/test unchanged.
+    label_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 64  # global batch, across all devices and processes
     lr: float = 1e-3
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: str = "adamw"  # adamw | sgd | lars
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     grad_clip: float = 1.0
@@ -91,6 +95,32 @@ class TrainConfig:
     # update for the first `freeze_backbone_steps` steps, then `backbone_lr_scale` x the learning rate.
     freeze_backbone_steps: int = 0
     backbone_lr_scale: float = 1.0
+    # ZeRO-3 style sharding: parameters and optimizer state split over this many devices (must divide the device
+    # count; 1 = replicated, plain data parallelism). The batch is split over all devices either way.
+    fsdp: int = 1
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pretraining (``lclsc pretrain``; docs/pretrain.md): the objective and its recipe."""
+
+    objective: str = "simclr"  # one of OBJECTIVES: simclr | dino | supcon (supcon needs labels)
+    temperature: float = 0.2  # NT-Xent (SimCLR) / SupCon temperature
+    grad_accum: int = 1  # micro-batches per step; gradient caching makes them equal one large batch
+    # DINO (Caron et al. 2021): head sizes, temperatures, teacher EMA momentum, centring momentum.
+    dino_out_dim: int = 4096
+    dino_hidden_dim: int = 2048
+    dino_bottleneck_dim: int = 256
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # after the warm-up
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    teacher_momentum: float = 0.996  # cosine schedule from this to 1 over train.steps
+    center_momentum: float = 0.9
+    # Encoder probes on the held-out (val) patients, at every train.eval_every steps, when labels exist.
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    probe_max_train: int = 4096  # training-split frames embedded for the probes (a fixed subsample beyond)
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,8 @@ class Config:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # the simulator, for data.source=synthetic
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # lclsc pretrain only
+    views: ViewsConfig = field(default_factory=ViewsConfig)  # lclsc pretrain's on-device views (data.settings)
     seed: int = 0
 
 
@@ -133,6 +165,25 @@ def _register_presets() -> None:
         synthetic=dict(num_patients=9, images_per_patient=8),
         train=dict(steps=20, batch_size=16, lr=3e-3, warmup_steps=2, eval_every=10,
                    checkpoint_every=10, log_every=5, eval_batch_size=32),
+    )
+    # Pretraining on the CPU: SimCLR, the demo's tiny CNN and data (docs/pretrain.md).
+    PRESETS["pretrain"] = _preset(
+        model=dict(arch="tiny"),
+        data=dict(image_size=64),
+        synthetic=dict(num_patients=24, images_per_patient=40),
+        pretrain=dict(objective="simclr", temperature=0.2, dino_out_dim=1024, dino_hidden_dim=512,
+                      dino_bottleneck_dim=128),
+        train=dict(steps=1000, batch_size=64, lr=3e-3, warmup_steps=50, eval_every=250, checkpoint_every=250,
+                   log_every=25),
+    )
+    # Tests of pretraining.
+    PRESETS["pretrain-tiny"] = _preset(
+        model=dict(arch="tiny", embed_dim=32),
+        data=dict(image_size=32),
+        synthetic=dict(num_patients=9, images_per_patient=8),
+        pretrain=dict(objective="simclr", dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16, knn_k=5),
+        train=dict(steps=6, batch_size=16, lr=3e-3, warmup_steps=2, eval_every=3, checkpoint_every=3,
+                   log_every=3, eval_batch_size=32),
     )
     PRESETS["resnet50"] = _preset(
         model=dict(arch="resnet50", dtype="bfloat16"),
@@ -307,6 +358,9 @@ def load(name_or_file: str = "default", overrides: list[str] | dict[str, Any] | 
 
 
 LOSSES = ("lcl_sc", "lcl", "supcon", "ce")
+OPTIMIZERS = ("adamw", "sgd", "lars")
+#: The self-supervised (and supervised-contrastive) objectives of ``lclsc pretrain``.
+OBJECTIVES = ("simclr", "dino", "supcon")
 #: ``models.ARCHS`` (a test keeps the two equal; listed here so a config is checked without importing Flax).
 CORE_ARCHS = ("tiny", "resnet18", "resnet34", "resnet50")
 ARCHS = (*CORE_ARCHS, "tf_efficientnetv2_s", "efficientnetv2_s", "inception_v3", "inception_v3_aux",
@@ -346,13 +400,16 @@ def validate(cfg: Config) -> None:
         errors.append(f"train.freeze_backbone_steps must be >= 0, got {cfg.train.freeze_backbone_steps}")
     if not cfg.train.backbone_lr_scale >= 0:
         errors.append(f"train.backbone_lr_scale must be >= 0, got {cfg.train.backbone_lr_scale}")
-    if cfg.train.optimizer not in ("adamw", "sgd"):
-        errors.append(f"train.optimizer must be adamw or sgd, got {cfg.train.optimizer!r}")
+    if cfg.train.optimizer not in OPTIMIZERS:
+        errors.append(f"train.optimizer must be one of {OPTIMIZERS}, got {cfg.train.optimizer!r}")
     for key in ("train.steps", "train.batch_size", "data.image_size", "data.channels", "model.embed_dim",
-                "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_last"):
+                "train.eval_batch_size", "train.log_every", "train.checkpoint_every", "train.keep_last",
+                "train.fsdp"):
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) < 1:
             errors.append(f"{key} must be >= 1")
+    if not 0.0 < cfg.data.label_fraction <= 1.0:
+        errors.append(f"data.label_fraction must be in (0, 1], got {cfg.data.label_fraction}")
     if not 0.0 <= cfg.loss.ema_momentum < 1.0:
         errors.append("loss.ema_momentum must be in [0, 1)")
     if cfg.loss.eq_stride < 1:
@@ -363,8 +420,28 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.loss, key)
         if not 0 < v <= 1:
             errors.append(f"loss.{key} must be a fraction in (0, 1] of the feature map's locations, got {v}")
+    errors += _pretrain_errors(cfg)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def _pretrain_errors(cfg: Config) -> list[str]:
+    """The ``pretrain`` section's invalid values."""
+    p, errors = cfg.pretrain, []
+    if p.objective not in OBJECTIVES:
+        errors.append(f"pretrain.objective must be one of {OBJECTIVES}, got {p.objective!r}")
+    for key in ("temperature", "student_temp", "teacher_temp", "warmup_teacher_temp", "knn_temperature"):
+        if not getattr(p, key) > 0:
+            errors.append(f"pretrain.{key} must be > 0")
+    for key in ("grad_accum", "dino_out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "knn_k", "probe_max_train"):
+        if getattr(p, key) < 1:
+            errors.append(f"pretrain.{key} must be >= 1")
+    for key in ("teacher_momentum", "center_momentum"):
+        if not 0.0 <= getattr(p, key) <= 1.0:
+            errors.append(f"pretrain.{key} must be in [0, 1]")
+    if p.warmup_teacher_temp_steps < 0:
+        errors.append("pretrain.warmup_teacher_temp_steps must be >= 0")
+    return errors
 
 
 def uses_gei(cfg: Config) -> bool:

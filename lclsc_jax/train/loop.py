@@ -20,10 +20,10 @@ from lclsc_jax.train import lock
 from lclsc_jax.train import predict as predict_lib
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train import steps as steps_lib
-from lclsc_jax.train.checkpoint import Checkpointer, abstract_like, saved_steps
+from lclsc_jax.train.checkpoint import Checkpointer, saved_steps
 from lclsc_jax.train.config import Config, flatten, from_dict, override, synthetic_config, to_dict, uses_gei
 from lclsc_jax.train.reporting import MetricWriter, Progress, log
-from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer
+from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer, state_sharding
 
 
 class TrainingStopped(RuntimeError):
@@ -87,13 +87,22 @@ def load_dataset(cfg: Config, source: str | None = None) -> Any:
     synthetic = synthetic_config(cfg) if source == "synthetic" else None
     return data.load(source, image_size=d.image_size, channels=d.channels,
                      cache_dir=d.cache_dir or None, synthetic=synthetic,
-                     allow_outside_root=d.allow_outside_root)
+                     allow_outside_root=d.allow_outside_root, labelled=d.labelled)
 
 
 def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
-    """Patient-wise train/val/test record indices, fixed by ``cfg.data.split_seed``."""
-    return data.splits_for(ds, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
-                           seed=cfg.data.split_seed)
+    """Patient-wise train/val/test record indices, fixed by ``cfg.data.split_seed``.
+
+    With ``data.label_fraction < 1`` the training split keeps the records of that fraction of its
+    patients (``data.splits.label_subset``, drawn with ``cfg.seed``); val and test are unchanged.
+    """
+    d = cfg.data
+    splits = data.splits_for(ds, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=d.split_seed)
+    if d.label_fraction < 1.0:
+        from lclsc_jax.data.splits import label_subset
+
+        splits = {**splits, "train": label_subset(ds.patients, ds.labels, splits["train"], d.label_fraction, cfg.seed)}
+    return splits
 
 
 def check_training_classes(ds: Any, splits: dict[str, np.ndarray], source: str | None = None) -> None:
@@ -131,11 +140,11 @@ def build_model(cfg: Config, num_classes: int) -> Any:
 
 
 def init_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:
-    """A fresh, replicated train state from ``cfg.seed``."""
+    """A fresh train state from ``cfg.seed``, sharded by ``state.state_sharding`` (replicated unless ``train.fsdp > 1``)."""
     tx = make_optimizer(cfg)
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
-    fn = jax.jit(lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key),
-                 out_shardings=shd.replicated(mesh))
+    create = lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key)  # noqa: E731
+    fn = jax.jit(create, out_shardings=state_sharding(jax.eval_shape(create, jax.random.PRNGKey(0)), mesh))
     return fn(jax.random.PRNGKey(cfg.seed))
 
 
@@ -145,7 +154,8 @@ def abstract_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
     shapes = jax.eval_shape(lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key),
                             jax.random.PRNGKey(0))
-    return abstract_like(shapes, shd.replicated(mesh))
+    return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                  shapes, state_sharding(shapes, mesh))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -170,7 +180,7 @@ def _json_default(o: Any) -> Any:
 #: Keys a resumed run may change: how long it trains, how often it logs, evaluates and saves, and
 #: the learning-rate schedule (to resume a run that diverged with other settings).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_last",
-                  "train.eval_batch_size", "train.lr", "train.warmup_steps")
+                  "train.eval_batch_size", "train.lr", "train.warmup_steps", "train.fsdp")
 
 #: Settings a run that diverged must change before it resumes (training is deterministic).
 DIVERGENCE_KEYS = ("train.lr", "train.warmup_steps")
@@ -319,7 +329,7 @@ def _prepare_data(cfg: Config, workdir: str, dataset: Any,
 def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], init_from: str | None,
            num_devices: int | None, stop_after: int | None) -> _Run:
     """Mesh, model, state (fresh, from ``init_from``, or restored from the latest checkpoint) and data iterator."""
-    mesh = shd.make_mesh(num_devices)
+    mesh = shd.make_mesh(num_devices, fsdp=cfg.train.fsdp)
     shd.check_batch_size(cfg.train.batch_size, mesh)
     model = build_model(cfg, ds.num_classes)
     state = init_state(cfg, model, ds.num_classes, mesh)
@@ -345,11 +355,16 @@ def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], in
 
 
 def _init_backbone(cfg: Config, state: TrainState, init_from: str, mesh: jax.sharding.Mesh) -> TrainState:
-    """``state`` with its backbone loaded from PyTorch weights (the heads stay fresh)."""
-    variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
-                                                    return_report=True)
+    """``state`` with its backbone loaded from PyTorch weights or a pretraining run's encoder (the heads stay fresh)."""
+    from lclsc_jax.train import pretrain_state
+
+    if pretrain_state.is_pretrain_run(init_from):
+        variables, report = pretrain_state.init_from_run(jax.device_get(state.variables), init_from, cfg)
+    else:
+        variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
+                                                        return_report=True)
     state = jax.device_put(state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {})),
-                           shd.replicated(mesh))
+                           shd.shardings_of(state))
     log(f"initialised backbone from {init_from}: {report}")
     return state
 
@@ -383,8 +398,10 @@ def _run_steps(run: _Run) -> None:
     """Advance ``run`` from ``run.step`` to ``run.end``: train, log, validate, save."""
     cfg, start = run.cfg, run.step
     tx = make_optimizer(cfg)
-    train_step = steps_lib.jit_train_step(steps_lib.make_train_step(run.model, tx, cfg), run.mesh)
-    eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, cfg), run.mesh)
+    placed = shd.shardings_of(run.state)
+    train_step = steps_lib.jit_train_step(steps_lib.make_train_step(run.model, tx, cfg), run.mesh,
+                                          state_sharding=placed)
+    eval_step = steps_lib.jit_eval_step(steps_lib.make_eval_step(run.model, cfg), run.mesh, placed)
     pending: list[dict[str, jax.Array]] = []
     while run.step < run.end:
         batch = shd.to_global(next(run.train_it), run.mesh, steps_lib.TRAIN_KEYS)
@@ -446,7 +463,7 @@ def _diverged(e: TrainingDiverged, run: _Run, on_disk: str) -> TrainingDiverged:
     shown = " ".join(f"{k}={v}" for k, v in settings.items())
     steps = saved_steps(os.path.join(run.workdir, "checkpoints"))
     if steps and steps[-1] > run.start:  # its weights already come from steps with these settings
-        on_disk += (f" (it was saved by this call, with these settings: if resuming from it diverges too, "
+        on_disk += (" (it was saved by this call, with these settings: if resuming from it diverges too, "
                     "start afresh in a new --workdir)")
     return TrainingDiverged(
         f"training diverged: the loss or gradient became NaN/Inf at step {e.step} (with {shown}); nothing of "

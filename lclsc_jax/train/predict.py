@@ -36,7 +36,8 @@ def predict_batches(cfg: Config, model: Any, state: TrainState, mesh: jax.shardi
     ``patient (N,)`` in batch order, gathered over processes. ``eval_step``: a compiled
     ``steps.jit_eval_step`` to reuse (training validation compiles it once).
     """
-    eval_step = eval_step or steps_lib.jit_eval_step(steps_lib.make_eval_step(model, cfg), mesh)
+    eval_step = eval_step or steps_lib.jit_eval_step(steps_lib.make_eval_step(model, cfg), mesh,
+                                                     shd.shardings_of(state))
     out: dict[str, list[np.ndarray]] = {k: [] for k in PREDICTION_KEYS}
     for batch in batches:
         res = eval_step(state, shd.to_global(batch, mesh, steps_lib.EVAL_KEYS))

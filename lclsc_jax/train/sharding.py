@@ -11,32 +11,73 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
-MODEL_AXIS = "model"
+FSDP_AXIS = "fsdp"
+#: Both mesh axes: a batch is split over all of them.
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def make_mesh(num_devices: int | None = None, model_parallel: int = 1) -> Mesh:
-    """A ``(data, model)`` mesh over all (or the first ``num_devices``) devices; ``model`` is 1 for now."""
+def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
+    """A ``(data, fsdp)`` mesh over all (or the first ``num_devices``) devices.
+
+    ``fsdp``: how many devices share (shard) each parameter and optimizer state (ZeRO-3 style,
+    :func:`fsdp_sharding`); ``fsdp=1`` replicates them (plain data parallelism). The batch is split
+    over both axes.
+    """
     n = num_devices or jax.device_count()
-    if n % model_parallel:
-        raise ValueError(f"{n} devices cannot be split into model-parallel groups of {model_parallel}")
-    return jax.make_mesh((n // model_parallel, model_parallel), (DATA_AXIS, MODEL_AXIS),
-                         axis_types=(AxisType.Auto, AxisType.Auto),
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"train.fsdp={fsdp} must divide the {n} devices")
+    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=jax.devices()[:n])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Sharding of the train state: every device holds all of it."""
+    """Sharding of what every device holds whole (scalars, the EMA class embeddings, the RNG)."""
     return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Sharding of a batch: the leading axis split over the ``data`` axis."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Sharding of a batch: the leading axis split over every device (``data`` x ``fsdp``)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the batch is split."""
-    return mesh.shape[DATA_AXIS]
+    """How many ways the batch is split (all devices of the mesh)."""
+    return mesh.shape[DATA_AXIS] * mesh.shape.get(FSDP_AXIS, 1)
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int, min_size: int = 2**12) -> P:
+    """The ZeRO-3 rule for one array: split its largest axis divisible by ``n`` over ``fsdp``; else replicate.
+
+    Arrays of fewer than ``min_size`` elements (biases, norms, scalars) stay whole: sharding them
+    saves nothing and costs a collective each.
+    """
+    if n <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % n == 0:
+            return P(*([None] * axis + [FSDP_AXIS]))
+    return P()
+
+
+def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2**12) -> Any:
+    """Shardings of a tree of arrays (or shapes): each leaf by :func:`fsdp_spec` over the mesh's ``fsdp`` axis."""
+    n = mesh.shape.get(FSDP_AXIS, 1)
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), n, min_size)), tree)
+
+
+def shardings_of(tree: Any) -> Any:
+    """The sharding of every ``jax.Array`` of a tree (to compile a step for the state as it is placed)."""
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def bytes_per_device(tree: Any) -> dict[str, int]:
+    """Bytes each device holds of a tree of ``jax.Array`` s, from their shards (the measure of FSDP's saving)."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        for shard in leaf.addressable_shards:
+            key = str(shard.device)
+            out[key] = out.get(key, 0) + int(shard.data.nbytes)
+    return out
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
@@ -44,7 +85,7 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     n = data_parallel_size(mesh)
     if global_batch % n or global_batch % jax.process_count():
         raise ValueError(
-            f"global batch size {global_batch} must be divisible by the {n} data-parallel devices "
+            f"global batch size {global_batch} must be divisible by the {n} devices "
             f"and the {jax.process_count()} processes")
 
 

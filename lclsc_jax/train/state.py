@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from lclsc_jax import method
+from lclsc_jax.train import sharding as shd
 from lclsc_jax.train.config import Config
 
 
@@ -66,7 +67,7 @@ def backbone_multiplier(freeze_steps: int, scale: float) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """Gradient clipping, the warmup-cosine schedule, AdamW or SGD-momentum per ``cfg.train``.
+    """Gradient clipping, the warmup-cosine schedule, AdamW, SGD-momentum or LARS per ``cfg.train``.
 
     With ``train.freeze_backbone_steps > 0`` or ``train.backbone_lr_scale != 1`` the backbone's
     updates (decoupled weight decay included) are multiplied by ``backbone_multiplier``: none while
@@ -80,6 +81,9 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         schedule = lr_schedule(cfg)
         if t.optimizer == "adamw":
             return optax.adamw(schedule, weight_decay=t.weight_decay, mask=_decay_mask)
+        if t.optimizer == "lars":  # SimCLR's optimizer for large batches (You et al. 2017); no adaptation of biases/BN
+            return optax.lars(schedule, weight_decay=t.weight_decay, weight_decay_mask=_decay_mask,
+                              trust_ratio_mask=_decay_mask, momentum=0.9)
         return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=_decay_mask),
                            optax.sgd(schedule, momentum=0.9, nesterov=True))
 
@@ -114,3 +118,14 @@ def create_state(model: Any, tx: optax.GradientTransformation, num_classes: int,
         seen=seen,
         rng=state_rng,
     )
+
+
+def state_sharding(shapes: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shardings of a train state: parameters and optimizer state over ``fsdp`` (ZeRO-3), the rest replicated.
+
+    ``shapes``: the state or its ``jax.eval_shape``; with ``fsdp = 1`` everything is replicated.
+    """
+    rep = shd.replicated(mesh)
+    whole = lambda tree: jax.tree_util.tree_map(lambda _: rep, tree)  # noqa: E731
+    return TrainState(step=rep, params=shd.fsdp_sharding(shapes.params, mesh), batch_stats=whole(shapes.batch_stats),
+                      opt_state=shd.fsdp_sharding(shapes.opt_state, mesh), global_emb=rep, seen=rep, rng=rep)

@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lclsc_jax import method
@@ -174,15 +173,19 @@ def make_eval_step(model: Any, cfg: Config) -> Callable[[TrainState, dict[str, j
     return eval_step
 
 
-def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, donate: bool = True) -> Callable:
-    """Compile ``train_step`` with the state replicated and the batch sharded over ``data``."""
-    rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=(rep, rep),
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, donate: bool = True,
+                   state_sharding: Any = None) -> Callable:
+    """Compile ``train_step``: the batch over all devices, the state in ``state_sharding`` (default replicated).
+
+    With FSDP shardings (``state.state_sharding``) XLA all-gathers the parameters for the forward
+    and backward passes and reduce-scatters the gradients; the state stays sharded between steps.
+    """
+    st, bat = (state_sharding if state_sharding is not None else shd.replicated(mesh)), shd.batch_sharded(mesh)
+    return jax.jit(step_fn, in_shardings=(st, bat), out_shardings=(st, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
-def jit_eval_step(step_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
-    """Compile ``eval_step``: batch sharded in, per-example outputs sharded out."""
-    rep, bat = shd.replicated(mesh), shd.batch_sharded(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=bat)
-
+def jit_eval_step(step_fn: Callable, mesh: jax.sharding.Mesh, state_sharding: Any = None) -> Callable:
+    """Compile ``eval_step``: batch sharded in, per-example outputs sharded out; state as in :func:`jit_train_step`."""
+    st, bat = (state_sharding if state_sharding is not None else shd.replicated(mesh)), shd.batch_sharded(mesh)
+    return jax.jit(step_fn, in_shardings=(st, bat), out_shardings=bat)
