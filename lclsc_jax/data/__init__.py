@@ -19,10 +19,11 @@ if TYPE_CHECKING:
     from lclsc_jax.data.batching import array_batches, pad_rows
     from lclsc_jax.data.builders import Dataset, LclscUserImages, RecordSource, SyntheticPcle, default_cache_dir, load
     from lclsc_jax.data.corruptions import CORRUPTION_NAMES, CORRUPTIONS, SEVERITY_SCHEDULE, corrupt
+    from lclsc_jax.data.device_augment import augment_batch, augment_view, make_views, resolve_sizes
     from lclsc_jax.data.export import export_synthetic
     from lclsc_jax.data.io import DataError, load_image_file, load_mask_file, read_manifest, scan_folder, source_path
     from lclsc_jax.data.pipeline import GlobalOrder, eval_batches, num_eval_batches, train_dataset, train_iterator
-    from lclsc_jax.data.settings import EVIDENCE, AugmentConfig, SyntheticConfig
+    from lclsc_jax.data.settings import EVIDENCE, AugmentConfig, SyntheticConfig, ViewsConfig
     from lclsc_jax.data.splits import (
         check_disjoint,
         leave_one_patient_out,
@@ -43,19 +44,21 @@ _WHERE = {
     "export_synthetic": "export",
     "CORRUPTIONS": "corruptions", "CORRUPTION_NAMES": "corruptions", "SEVERITY_SCHEDULE": "corruptions",
     "corrupt": "corruptions",
+    "augment_batch": "device_augment", "augment_view": "device_augment", "make_views": "device_augment",
+    "resolve_sizes": "device_augment",
     "DataError": "io", "load_image_file": "io", "load_mask_file": "io", "read_manifest": "io", "scan_folder": "io",
     "source_path": "io",
     "GlobalOrder": "pipeline", "eval_batches": "pipeline", "num_eval_batches": "pipeline",
     "train_dataset": "pipeline", "train_iterator": "pipeline",
-    "EVIDENCE": "settings", "AugmentConfig": "settings", "SyntheticConfig": "settings",
+    "EVIDENCE": "settings", "AugmentConfig": "settings", "SyntheticConfig": "settings", "ViewsConfig": "settings",
     "check_disjoint": "splits", "leave_one_patient_out": "splits", "patient_kfold": "splits",
     "patient_split": "splits", "split_report": "splits", "splits_for": "splits",
     "generate_arrays": "synthetic", "generate_patient": "synthetic",
     "render_examples": "viz", "render_panel": "viz",
 }
 _ALIASES = {"synthetic_config": ("synthetic", "config_from_options")}
-_SUBMODULES = ("augment", "batching", "builders", "corruptions", "export", "fibre_bundle", "io", "pipeline", "probe", "settings",
-               "splits", "synthetic", "tissue", "viz")
+_SUBMODULES = ("augment", "batching", "builders", "corruptions", "device_augment", "export", "fibre_bundle", "io",
+               "pipeline", "probe", "settings", "splits", "synthetic", "tissue", "viz")
 
 __all__ = sorted([*_WHERE, *_ALIASES])
 

@@ -6,9 +6,10 @@ under ``jax.jit`` in bounded batches; ``plots`` draws PNGs with matplotlib (Agg 
 saliency sanity checks. ``statistics`` (NumPy) gives intervals that include the data: a hierarchical
 bootstrap over patients and frames, paired by frame, and Student-t intervals for independent repeats.
 ``shortcuts`` (NumPy/SciPy) measures what a class-blind reader gets from a frame: global image statistics
-and class-blind saliency baselines (``blind_map``). Pure scoring: nothing here trains or loads a run;
-the protocols that do (cross-validation, the CAM benchmark, ablations) are ``lclsc_jax.protocols``.
-Formulas and references: ``docs/evaluate.md``.
+and class-blind saliency baselines (``blind_map``). ``probes`` (NumPy/scikit-learn) scores frozen
+embeddings: DINO's weighted k-NN and a logistic-regression linear probe. Pure scoring: nothing here
+trains or loads a run; the protocols that do (cross-validation, the CAM benchmark, ablations) are
+``lclsc_jax.protocols``. Formulas and references: ``docs/evaluate.md``.
 """
 
 from lclsc_jax.evaluate.faithfulness import (
@@ -62,6 +63,7 @@ from lclsc_jax.evaluate.plots import (
     per_patient_bars,
     roc_curves,
 )
+from lclsc_jax.evaluate.probes import PROBE_CS, PROBE_FOLDS, knn_accuracy, knn_predict, linear_probe
 from lclsc_jax.evaluate.shortcuts import BLIND_MAPS, blind_map, global_statistics
 from lclsc_jax.evaluate.similarity import (
     SIMILARITIES,
@@ -84,6 +86,8 @@ __all__ = [
     "BLIND_MAPS",
     "ECE_BINS",
     "POINTING_TIES",
+    "PROBE_CS",
+    "PROBE_FOLDS",
     "ROAD_NEIGHBOUR_WEIGHTS",
     "SCORE_KINDS",
     "SIMILARITIES",
@@ -114,6 +118,9 @@ __all__ = [
     "hog_similarity",
     "insertion_curve",
     "iou",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe",
     "localisation_metrics",
     "make_confidence_figure",
     "make_confusion_figure",

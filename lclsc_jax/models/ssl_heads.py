@@ -12,14 +12,24 @@ from lclsc_jax.models.model import Model
 
 Dtype = Any
 
+# DINO's _init_weights: trunc_normal_(std=.02) with torch's default bounds [-2, 2] (absolute, i.e.
+# +-100 std: a plain normal), zero biases. Its last layer is built after ``apply(_init_weights)``
+# and so keeps torch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_MLP_INIT = nn.initializers.normal(0.02)
+_LAST_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
 
 class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, ``DINOHead``): MLP -> L2-normalised bottleneck -> weight-normalised linear.
+    """DINO's head (Caron et al. 2021, facebookresearch/dino ``DINOHead``): MLP, L2-normalised bottleneck, WN linear.
 
-    ``num_layers`` Dense layers with GELU between them (``in -> hidden ... -> bottleneck``), then a
-    bias-free linear layer whose weight per output unit is ``g * v / ||v||``; with ``norm_last_layer``
-    ``g`` is fixed to 1 (DINO's default, which stabilises training). Truncated-normal (0.02) init,
-    zero biases, as the reference. ``(B, F) -> (B, out_dim)`` float32.
+    ``num_layers`` Dense layers (``mlp_0 ...``, with bias) with exact GELU between them
+    (``F -> hidden_dim ... -> bottleneck_dim``; one layer: ``F -> bottleneck_dim``), then
+    ``x / ||x||``, then a bias-free linear layer ``bottleneck_dim -> out_dim`` whose weight column
+    per output unit is ``g * v / ||v||`` (``last_v (bottleneck_dim, out_dim)``; torch's
+    ``weight_norm`` with ``dim=0``). With ``norm_last_layer`` (DINO's default) ``g`` is fixed to 1
+    and is no parameter; otherwise ``last_g (out_dim,)`` starts at 1 and trains. The MLP runs in
+    ``dtype`` with float32 parameters; the normalisation and last layer in float32.
+    ``__call__(x (B, F)) -> (B, out_dim)`` float32.
     """
 
     out_dim: int = 4096
@@ -31,30 +41,32 @@ class DINOHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Project pooled features ``x (B, F)`` to the ``out_dim`` prototypes' logits ``(B, out_dim)``."""
-        init = nn.initializers.truncated_normal(0.02)
+        """Project pooled features ``x (B, F)`` to the ``out_dim`` prototypes' logits ``(B, out_dim)`` float32."""
         sizes = [self.hidden_dim] * (max(self.num_layers, 1) - 1) + [self.bottleneck_dim]
         x = x.astype(self.dtype)
         for i, size in enumerate(sizes):
-            x = nn.Dense(size, dtype=self.dtype, kernel_init=init, name=f"mlp_{i}")(x)
+            x = nn.Dense(size, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_MLP_INIT, name=f"mlp_{i}")(x)
             if i < len(sizes) - 1:
                 x = nn.gelu(x, approximate=False)
         x = x.astype(jnp.float32)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        v = self.param("last_v", init, (self.bottleneck_dim, self.out_dim), jnp.float32)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize(p=2, eps=1e-12)
+        v = self.param("last_v", _LAST_INIT, (self.bottleneck_dim, self.out_dim), jnp.float32)
         w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
         if not self.norm_last_layer:
             w = w * self.param("last_g", nn.initializers.ones, (self.out_dim,), jnp.float32)
-        return x @ w
+        return x @ w  # default precision: the reference runs this layer under fp16 autocast
 
 
 class SelfSupervisedModel(nn.Module):
     """A pretraining run's network: ``encoder`` (a :class:`Model`, variables under ``encoder``) and DINO's head.
 
-    ``__call__(images (B, H, W, C), train)`` returns ``pooled (B, F)`` (backbone features, what the
-    probes and fine-tuning use), ``embedding (B, D)`` (the encoder's projection head: what SimCLR and
-    SupCon contrast; the losses L2-normalise it) and, with ``dino_head``, ``dino (B, K)``.
-    ``params["encoder"]`` is exactly a ``Model``'s parameter tree, so ``lclsc train --init-from`` takes it.
+    ``encoder`` is any ``models.create(arch, num_classes, head="gei", ...)``. ``__call__(images
+    (B, H, W, C), train)`` returns float32 ``pooled (B, F)`` (the backbone's pooled features: what the
+    probes and fine-tuning use, and what the DINO head reads), ``embedding (B, D)`` (the encoder's
+    projection-head output: what SimCLR and SupCon contrast) and, with ``dino_head``, ``dino (B, K)``.
+    ``embedding`` is NOT L2-normalised (``Model``'s projection head is a plain MLP; every loss and
+    ``gei_logits`` normalise it themselves). ``variables["params"]["encoder"]`` (and
+    ``batch_stats``' ``encoder``) is exactly a ``Model``'s tree, so ``lclsc train --init-from`` takes it.
     """
 
     encoder: Model
@@ -62,7 +74,7 @@ class SelfSupervisedModel(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        """Forward ``images (B, H, W, C)``; see the class docstring for the outputs."""
+        """Forward ``images (B, H, W, C)``: ``{"pooled", "embedding"[, "dino"]}`` (see the class docstring)."""
         out = self.encoder(images, train=train)
         res = {"pooled": out["pooled"].astype(jnp.float32), "embedding": out["embedding"].astype(jnp.float32)}
         if self.dino_head is not None:
