@@ -70,6 +70,52 @@ def finetune(args: argparse.Namespace, pre: str, frac: float, seed: int, init: s
     return m
 
 
+def frozen_probes(args: argparse.Namespace, pre: str) -> list[dict]:
+    """k-NN and linear probes of frozen features: the pretrained encoder vs the same encoder at random init.
+
+    For each seed and labelled fraction, the probes are fitted on the pooled features of the labelled
+    training patients (``data.label_fraction``'s subset) and scored on the test patients.
+    """
+    import jax
+
+    from lclsc_jax import data
+    from lclsc_jax.evaluate import probes
+    from lclsc_jax.train import config as C
+    from lclsc_jax.train import loop
+    from lclsc_jax.train import pretrain_state as ps
+
+    cfg = ps.read_run_config(pre)
+    ds = loop.load_dataset(cfg)
+    splits = loop.make_splits(cfg, ds)
+    trained, _ = ps.encoder_variables(pre)
+    model = ps.build_encoder(cfg)
+    shape = (1, cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
+    encoders = {"pretrained": trained}
+    embed = jax.jit(lambda v, x: model.apply(v, x, train=False)["pooled"])
+
+    def features(variables, idx):
+        return np.concatenate([np.asarray(embed(variables, b["image"]))[np.asarray(b["valid"], bool)]
+                               for b in data.eval_batches(ds, idx, 128)])
+
+    rows = []
+    for seed in args.seeds:
+        encoders["random init"] = model.init(jax.random.PRNGKey(seed), np.zeros(shape, np.float32), train=False)
+        for name, variables in encoders.items():
+            test = features(variables, splits["test"])
+            for frac in args.fractions:
+                sub = loop.make_splits(C.override(cfg, {"data.label_fraction": frac, "seed": seed}), ds)["train"]
+                train = features(variables, sub)
+                knn = probes.knn_accuracy(train, ds.labels[sub], test, ds.labels[splits["test"]], ds.num_classes,
+                                          k=min(20, len(sub)))
+                lin = probes.linear_probe(train, ds.labels[sub], test, ds.labels[splits["test"]],
+                                          train_groups=ds.patients[sub])
+                rows.append({"encoder": name, "fraction": frac, "seed": seed, "knn_accuracy": knn,
+                             "linear_accuracy": lin["accuracy"], "train_frames": int(len(sub))})
+                print(f"frozen {name} fraction={frac:g} seed={seed}: k-NN {knn:.3f} linear {lin['accuracy']:.3f}",
+                      flush=True)
+    return rows
+
+
 def probe_curve(pre: str) -> list[dict]:
     """The probes logged during pretraining: ``[{step, knn_accuracy, linear_accuracy, ...}]``."""
     rows = []
@@ -113,6 +159,15 @@ def write_markdown(summary: dict, path: str) -> None:
         lines.append(f"| {r['fraction']:g} | {s['train_patients']} ({frames}) | {s['accuracy_mean']:.3f} ± "
                      f"{s['accuracy_sd']:.3f} | {p['accuracy_mean']:.3f} ± {p['accuracy_sd']:.3f} | "
                      f"{d['mean']:+.3f} ({d['wins']}/{d['seeds']}) |")
+    if summary.get("frozen"):
+        lines += ["", "Frozen features (probes fitted on the labelled training patients, scored on the test "
+                  "patients; mean ± sd over seeds):", "", "| labelled fraction | encoder | k-NN acc | linear acc |", "|---|---|---|---|"]
+        for frac in sorted({r["fraction"] for r in summary["frozen"]}):
+            for enc in ("random init", "pretrained"):
+                rs = [r for r in summary["frozen"] if r["fraction"] == frac and r["encoder"] == enc]
+                k, li = np.array([r["knn_accuracy"] for r in rs]), np.array([r["linear_accuracy"] for r in rs])
+                lines.append(f"| {frac:g} | {enc} | {k.mean():.3f} ± {k.std(ddof=1) if len(k) > 1 else 0:.3f} | "
+                             f"{li.mean():.3f} ± {li.std(ddof=1) if len(li) > 1 else 0:.3f} |")
     lines += ["", "Probe of the encoder on the val patients during pretraining:", "",
               "| step | k-NN acc | linear acc |", "|---|---|---|"]
     lines += [f"| {c['step']} | {c['knn_accuracy']:.3f} | {c['linear_accuracy']:.3f} |" for c in summary["probe_curve"]]
@@ -170,12 +225,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     ap.add_argument("--cache", default="", help="data cache folder (default: $LCLSC_DATA_DIR or ~/.cache)")
+    ap.add_argument("--probes-only", action="store_true",
+                    help="only the frozen-feature probes of an existing pretraining")
     args = ap.parse_args()
     if args.quick:
         args.patients, args.frames, args.pretrain_steps, args.steps, args.seeds = 30, 4, 30, 20, [0]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     pre = pretrain(args)
+    if args.probes_only:
+        for r in frozen_probes(args, pre):
+            print(json.dumps(r))
+        return
     results = []
     for seed in args.seeds:
         for frac in args.fractions:
@@ -184,6 +245,7 @@ def main() -> None:
                 results.append({"fraction": frac, "seed": seed, "init": init, "metrics": m})
                 print(f"fraction={frac:g} seed={seed} {init}: test accuracy {m['accuracy']:.3f}", flush=True)
     summary = summarise(results, probe_curve(pre), args)
+    summary["frozen"] = frozen_probes(args, pre)
     summary["seconds"] = time.perf_counter() - t0
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -52,8 +52,10 @@ def accumulated_grads(loss_fn: Callable[[Any, Any], tuple[jax.Array, Any]], para
         (loss, aux), g = grad_fn(params, mb)
         return jax.tree_util.tree_map(jnp.add, acc, (loss, g)), aux
 
-    zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-    (loss, grads), aux = jax.lax.scan(body, zero, split_micro(batch, num_micro))
+    micro = split_micro(batch, num_micro)
+    (loss_shape, _), grad_shapes = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro))
+    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, grad_shapes))
+    (loss, grads), aux = jax.lax.scan(body, zero, micro)
     scale = 1.0 / num_micro
     return loss * scale, jax.tree_util.tree_map(lambda g: g * scale, grads), aux
 
@@ -64,8 +66,9 @@ def cached_grads(encode: Callable[[Any, Any, Any, jax.Array], tuple[Any, Any]],
     """``(loss, grads, new_model_state, metrics)`` of a batch-coupled loss by gradient caching.
 
     ``encode(params, model_state, micro_batch, rng) -> (outputs, new_model_state)``: outputs a pytree
-    whose leaves have the micro-batch as leading axis; ``loss_on_outputs(outputs of the whole batch)
-    -> (loss, metrics)``. ``model_state`` (BatchNorm statistics) is threaded through the micro-batches
+    of floating-point leaves with the micro-batch as leading axis; ``loss_on_outputs(outputs of the
+    whole batch, rows in the batch's order) -> (loss, metrics)`` (labels and other integer inputs
+    reach it by closure). ``model_state`` (BatchNorm statistics) is threaded through the micro-batches
     in order; the backward pass recomputes each micro-batch with the state its forward saw, so the
     values match. Micro-batch ``i`` draws with ``fold_in(rng, i)``. With a model whose forward is
     per-example (no BatchNorm in training mode) the gradient equals ``jax.grad`` on the whole batch;

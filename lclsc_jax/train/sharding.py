@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,7 +27,8 @@ def make_mesh(num_devices: int | None = None, fsdp: int = 1) -> Mesh:
     """
     n = num_devices or jax.device_count()
     if fsdp < 1 or n % fsdp:
-        raise ValueError(f"train.fsdp={fsdp} must divide the {n} devices")
+        fits = ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
+        raise ValueError(f"train.fsdp={fsdp} must divide the number of devices ({n}): use one of {fits}")
     return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=jax.devices()[:n])
 
@@ -65,18 +68,65 @@ def fsdp_sharding(tree: Any, mesh: Mesh, min_size: int = 2**12) -> Any:
     return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), n, min_size)), tree)
 
 
+#: Fields of a train state that FSDP shards (when present): everything else is replicated.
+FSDP_FIELDS = ("params", "opt_state", "teacher")
+
+
+def state_sharding(abstract_state: Any, mesh: Mesh, min_size: int = 2**12) -> Any:
+    """Shardings of a train state (a ``flax.struct`` dataclass of arrays or shapes), same structure.
+
+    The fields in :data:`FSDP_FIELDS` (parameters, optimizer state, a DINO teacher) by
+    :func:`fsdp_sharding`; every other field (step, rng, BN statistics, EMA embeddings, ...)
+    replicated. With ``fsdp = 1`` all is replicated: plain data parallelism.
+    """
+    rep = replicated(mesh)
+    return abstract_state.replace(**{
+        f.name: (fsdp_sharding(getattr(abstract_state, f.name), mesh, min_size) if f.name in FSDP_FIELDS
+                 else jax.tree_util.tree_map(lambda _: rep, getattr(abstract_state, f.name)))
+        for f in dataclasses.fields(abstract_state)})
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` s of ``shapes`` carrying ``shardings`` (an abstract state to restore into)."""
+    return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copy of a tree of ``jax.Array`` s on every process, gathering shards other processes hold (FSDP)."""
+    if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False)
+           for x in jax.tree_util.tree_leaves(tree)):
+        return jax.device_get(tree)
+    return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def shardings_of(tree: Any) -> Any:
     """The sharding of every ``jax.Array`` of a tree (to compile a step for the state as it is placed)."""
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
+def shard_bytes(shapes: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of shapes placed by ``shardings`` (no allocation; even splits)."""
+    total = 0
+    for x, sh in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)):
+        total += int(np.prod(sh.shard_shape(tuple(x.shape)), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
 def bytes_per_device(tree: Any) -> dict[str, int]:
-    """Bytes each device holds of a tree of ``jax.Array`` s, from their shards (the measure of FSDP's saving)."""
+    """Bytes each (addressable) device holds of a tree, read from the leaves' shardings: FSDP's saving.
+
+    Leaves: ``jax.Array`` s (their shards) or ``jax.ShapeDtypeStruct`` s carrying a sharding (the
+    shard shape each device would hold, so a model too big to allocate is measured all the same).
+    """
     out: dict[str, int] = {}
     for leaf in jax.tree_util.tree_leaves(tree):
-        for shard in leaf.addressable_shards:
-            key = str(shard.device)
-            out[key] = out.get(key, 0) + int(shard.data.nbytes)
+        if isinstance(leaf, jax.Array):
+            sizes = [(shard.device, int(shard.data.nbytes)) for shard in leaf.addressable_shards]
+        else:
+            shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+            sizes = [(d, shard) for d in leaf.sharding.addressable_devices]
+        for device, n in sizes:
+            out[str(device)] = out.get(str(device), 0) + n
     return out
 
 

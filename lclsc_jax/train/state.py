@@ -123,9 +123,7 @@ def create_state(model: Any, tx: optax.GradientTransformation, num_classes: int,
 def state_sharding(shapes: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
     """Shardings of a train state: parameters and optimizer state over ``fsdp`` (ZeRO-3), the rest replicated.
 
-    ``shapes``: the state or its ``jax.eval_shape``; with ``fsdp = 1`` everything is replicated.
+    ``shapes``: the state or its ``jax.eval_shape``; with ``fsdp = 1`` everything is replicated
+    (``sharding.state_sharding``).
     """
-    rep = shd.replicated(mesh)
-    whole = lambda tree: jax.tree_util.tree_map(lambda _: rep, tree)  # noqa: E731
-    return TrainState(step=rep, params=shd.fsdp_sharding(shapes.params, mesh), batch_stats=whole(shapes.batch_stats),
-                      opt_state=shd.fsdp_sharding(shapes.opt_state, mesh), global_emb=rep, seen=rep, rng=rep)
+    return shd.state_sharding(shapes, mesh)

@@ -173,8 +173,8 @@ def make_eval_step(model: Any, cfg: Config) -> Callable[[TrainState, dict[str, j
     return eval_step
 
 
-def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, donate: bool = True,
-                   state_sharding: Any = None) -> Callable:
+def jit_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, state_sharding: Any = None,
+                   donate: bool = True) -> Callable:
     """Compile ``train_step``: the batch over all devices, the state in ``state_sharding`` (default replicated).
 
     With FSDP shardings (``state.state_sharding``) XLA all-gathers the parameters for the forward
