@@ -6,6 +6,13 @@ for the synthetic data and ``<source name>-<content hash>`` for users' data, the
 covering file paths, sizes, mtimes and the conversion settings. Builds go to a temporary
 sibling directory that is renamed into place only when complete, so a failed preparation
 leaves nothing behind.
+
+The records are written in ``ceil(N / RECORDS_PER_SHARD)`` array_record shards (TFDS alone
+writes one shard per 64 MiB-1 GiB, i.e. one file for any dataset of this size); record ``i`` is
+the same whatever the count. The cache is always on local disk: in a multi-host run each host
+builds and reads its own. A bucket source (``gs://``, ``s3://``: a folder or a CSV manifest) is
+first copied to ``CACHE/mirror/`` (``storage.local_mirror``, fetched again only when an object
+changes) and converted from there.
 """
 
 from __future__ import annotations
@@ -29,12 +36,21 @@ from etils import epath
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from lclsc_jax.data import io as data_io
+from lclsc_jax.data import storage
 from lclsc_jax.data.settings import SyntheticConfig
 from lclsc_jax.data.synthetic import generate, pass_metadata, patient_ids, patient_label
 
 INDEX_FILE = "lclsc_index.json"
 _CODE_PATH = epath.Path(__file__)
 USER_FORMAT_VERSION = "1.1.0"
+
+#: Records per array_record shard of a built cache (at least one shard).
+RECORDS_PER_SHARD = 1000
+
+
+def num_shards(num_records: int) -> int:
+    """The number of array_record shards of a cache of ``num_records`` records (``ceil(N / RECORDS_PER_SHARD)``)."""
+    return max(1, -(-int(num_records) // RECORDS_PER_SHARD))
 
 
 class _DropCustomConfigWarning(logging.Filter):
@@ -274,9 +290,10 @@ def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuild
     )
 
 
-def _quiet_prepare(builder: tfds.core.DatasetBuilder) -> None:
-    """download_and_prepare without network access, progress bars or TFDS's "Downloading" lines; one notice on stderr."""
-    dl = tfds.download.DownloadConfig(try_download_gcs=False)
+def _quiet_prepare(builder: tfds.core.DatasetBuilder, num_records: int) -> None:
+    """download_and_prepare in :func:`num_shards` shards, without network access, progress bars or TFDS's
+    "Downloading" lines; one notice on stderr."""
+    dl = tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards(num_records))
     was_active = tqdm_utils._active  # pylint: disable=protected-access
     tqdm_utils.display_progress_bar(False)
     print(f"[data] building the {builder.name} cache (once; later runs reuse it)",
@@ -296,7 +313,7 @@ def load_synthetic(config: SyntheticConfig, cache_dir: str | os.PathLike) -> Dat
         return SyntheticPcle(synthetic=config, data_dir=str(data_dir))
 
     def build(tmp: Path) -> dict:
-        _quiet_prepare(make(tmp))
+        _quiet_prepare(make(tmp), config.num_patients * config.images_per_patient)
         pids = patient_ids(config)
         n = config.images_per_patient
         meta = [(r["sequence"], r["frame"], r["diagnostic"]) for p in range(config.num_patients)
@@ -378,7 +395,7 @@ def load_user(
         return LclscUserImages(user_config=ucfg, data_dir=str(data_dir))
 
     def build(tmp: Path) -> dict:
-        _quiet_prepare(make(tmp))
+        _quiet_prepare(make(tmp), len(records))
         return {
             "class_names": list(class_names),
             "labels": [r.label for r in records],
@@ -417,6 +434,8 @@ def load(
     A CSV manifest's files must lie in its folder unless ``allow_outside_root`` (``../``, absolute paths).
     ``labelled=False`` reads a folder or manifest without labels as one class ``unlabelled``
     (the synthetic data keeps its labels: pretraining hides them by itself).
+    A ``gs://`` or ``s3://`` folder or manifest is mirrored to ``CACHE/mirror/`` first; a bucket
+    manifest's paths are relative to its bucket folder, and errors name the URLs.
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     if source == "synthetic":
@@ -430,4 +449,18 @@ def load(
         return load_synthetic(cfg, cache_dir)
     if synthetic is not None:
         raise ValueError("`synthetic` config given but source is not 'synthetic'")
+    if storage.is_url(source):
+        return _load_url(source, image_size, channels, cache_dir, labelled)
     return load_user(source, image_size or 128, channels, cache_dir, allow_outside_root, labelled)
+
+
+def _load_url(url: str, image_size: int | None, channels: int, cache_dir: Path, labelled: bool) -> Dataset:
+    """:func:`load_user` on the local mirror of a bucket folder or manifest; errors name the URLs, not the mirror."""
+    local = storage.local_mirror(url, str(cache_dir))
+    manifest = str(url).lower().endswith(".csv")
+    local_root = os.path.dirname(local) if manifest else local
+    url_root = storage.parent(str(url).rstrip("/")) if manifest else str(url).rstrip("/")
+    try:
+        return load_user(local, image_size or 128, channels, cache_dir, False, labelled)
+    except data_io.DataError as e:
+        raise data_io.DataError(str(e).replace(local_root, url_root)) from None

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-from typing import Any, Sequence
+import tempfile
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 
 from lclsc_jax import data, evaluate
+from lclsc_jax.data import storage
 from lclsc_jax.evaluate import plots
 from lclsc_jax.train import loop
 from lclsc_jax.train import predict as predict_lib
@@ -24,7 +27,7 @@ from lclsc_jax.train.state import TrainState
 
 @dataclasses.dataclass
 class TrainedRun:
-    """A restored run: its config, class names, model, state (replicated on ``mesh``) and step."""
+    """A restored run: its config, class names, model, state (on ``mesh``, FSDP-sharded as trained) and step."""
 
     cfg: Config
     class_names: tuple[str, ...]
@@ -37,7 +40,8 @@ class TrainedRun:
     @functools.cached_property
     def eval_step(self) -> Any:
         """The run's compiled eval step (one trace per run, however many ``predict`` calls)."""
-        return steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model, self.cfg), self.mesh)
+        return steps_lib.jit_eval_step(steps_lib.make_eval_step(self.model, self.cfg), self.mesh,
+                                       shd.shardings_of(self.state))
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -56,27 +60,31 @@ class TrainedRun:
 
 def load_run(workdir: str, which: str = "best", num_devices: int | None = None) -> TrainedRun:
     """Restore the ``best`` (by validation metric), ``latest`` or a numbered checkpoint of a run."""
-    cfg_path = os.path.join(workdir, "config.json")
-    splits_path = os.path.join(workdir, "splits.json")
-    if not (os.path.exists(cfg_path) and os.path.exists(splits_path)):
+    cfg_path = storage.join(workdir, "config.json")
+    splits_path = storage.join(workdir, "splits.json")
+    if not (storage.exists(cfg_path) and storage.exists(splits_path)):
         raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json/splits.json); "
                                 "run `lclsc train --workdir` first")
-    with open(cfg_path) as f:
-        cfg = from_dict(json.load(f))
-    with open(splits_path) as f:
-        class_names = tuple(json.load(f)["class_names"])
+    cfg = from_dict(json.loads(storage.read_text(cfg_path)))
+    class_names = tuple(json.loads(storage.read_text(splits_path))["class_names"])
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.train.keep_last,
                         best_metric=f"val_{cfg.train.best_metric}")
     try:
         step = {"best": ckpt.best_step, "latest": ckpt.latest_step}.get(which, lambda: int(which))()
         if step is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-        mesh = shd.make_mesh(num_devices)
+        mesh = shd.make_mesh(num_devices, fsdp=eval_fsdp(cfg, num_devices))
         model = loop.build_model(cfg, len(class_names))
         state = ckpt.restore(step, loop.abstract_state(cfg, model, len(class_names), mesh))
     finally:
         ckpt.close()
     return TrainedRun(cfg, class_names, model, state, mesh, int(step), workdir)
+
+
+def eval_fsdp(cfg: Config, num_devices: int | None = None) -> int:
+    """The run's ``train.fsdp`` when it divides the devices here, else 1 (a checkpoint restores into either)."""
+    n = num_devices or jax.device_count()
+    return cfg.train.fsdp if n % cfg.train.fsdp == 0 else 1
 
 
 def evaluate_run(workdir: str, source: str | None = None, split: str | None = None, which: str = "best",
@@ -113,17 +121,29 @@ def evaluate_run(workdir: str, source: str | None = None, split: str | None = No
                                               patients=res["patient"])
     metrics.update(split=split, checkpoint_step=run.step, source=source or run.cfg.data.source,
                    inference="gei" if run.global_emb is not None else "linear")
-    out_dir = out_dir or os.path.join(workdir, "eval")
-    loop.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    out_dir = out_dir or storage.join(workdir, "eval")
+    loop.write_json(storage.join(out_dir, "metrics.json"), metrics)
     if figures and jax.process_index() == 0:
-        plots.confusion_matrix_plot(np.asarray(metrics["confusion_matrix"]), run.class_names,
-                                    os.path.join(out_dir, "confusion_matrix.png"))
-        plots.roc_curves(res["label"], res["probs"], os.path.join(out_dir, "roc.png"),
-                         class_names=run.class_names)
-        plots.confidence_histogram(res["probs"], res["label"], os.path.join(out_dir, "confidence.png"))
-        if metrics.get("per_patient"):
-            plots.per_patient_bars(metrics["per_patient"], os.path.join(out_dir, "per_patient.png"))
+        with _local_folder(out_dir) as fig_dir:
+            plots.confusion_matrix_plot(np.asarray(metrics["confusion_matrix"]), run.class_names,
+                                        os.path.join(fig_dir, "confusion_matrix.png"))
+            plots.roc_curves(res["label"], res["probs"], os.path.join(fig_dir, "roc.png"),
+                             class_names=run.class_names)
+            plots.confidence_histogram(res["probs"], res["label"], os.path.join(fig_dir, "confidence.png"))
+            if metrics.get("per_patient"):
+                plots.per_patient_bars(metrics["per_patient"], os.path.join(fig_dir, "per_patient.png"))
     return metrics
+
+
+@contextlib.contextmanager
+def _local_folder(out_dir: str) -> Iterator[str]:
+    """``out_dir`` itself, or for a bucket URL a temporary folder uploaded to it when the block ends."""
+    if not storage.is_url(out_dir):
+        yield out_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="lclsc-eval-") as tmp:
+        yield tmp
+        storage.upload_tree(out_dir, tmp)
 
 
 def same_source(a: str, b: str) -> bool:
@@ -178,8 +198,7 @@ def split_indices(split: str, splits: dict[str, np.ndarray], n: int) -> np.ndarr
 
 def run_splits(workdir: str, cfg: Config, ds: Any) -> dict[str, np.ndarray]:
     """The record indices a run trained with (saved in ``splits.json``), else the config's split."""
-    with open(os.path.join(workdir, "splits.json")) as f:
-        saved = json.load(f)
+    saved = json.loads(storage.read_text(storage.join(workdir, "splits.json")))
     if "indices" in saved:
         return {k: np.asarray(v, np.int64) for k, v in saved["indices"].items()}
     return loop.make_splits(cfg, ds)

@@ -4,7 +4,13 @@ A second ``lclsc train`` on a held workdir is refused with :class:`WorkdirLocked
 by a process that no longer runs on this host (killed, machine rebooted) is taken over with a
 notice; a lock held from another host cannot be checked and is refused, saying which file to
 delete once that process is known to be gone. The lock is released when its ``with`` block
-ends, by an error or Ctrl-C too. Standard library only, so it costs nothing to import.
+ends, by an error or Ctrl-C too. Standard library only (``data.storage`` loads its bucket
+backends only when a URL is used), so it costs nothing to import.
+
+A bucket workdir (``gs://``, ``s3://``) is locked the same way with a conditional put of the
+lock object (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``: created only if absent), read
+back to check that it is ours, for stores that ignore the condition. Taking over a stale lock
+there is a delete and a new conditional put, not one atomic step.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import socket
 import sys
 import time
 from typing import Any, Iterator
+
+from lclsc_jax.data import storage
 
 LOCK_NAME = "train.lock"
 
@@ -31,6 +39,10 @@ def hold(workdir: str) -> Iterator[str]:
     A folder this call created is removed again on release if nothing but the lock was written
     to it, so a run that fails at start (bad data) leaves no workdir behind.
     """
+    if storage.is_url(workdir):
+        with _hold_url(workdir) as path:
+            yield path
+        return
     created = not os.path.isdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_NAME)
@@ -47,7 +59,34 @@ def hold(workdir: str) -> Iterator[str]:
 
 def holder(workdir: str) -> dict[str, Any] | None:
     """The lock's content (``pid``, ``host``, ``since``), or None if the workdir is not locked."""
-    return _read(os.path.join(workdir, LOCK_NAME))
+    return _read(storage.join(workdir, LOCK_NAME))
+
+
+@contextlib.contextmanager
+def _hold_url(workdir: str) -> Iterator[str]:
+    """:func:`hold` for a bucket workdir: the lock object is created by a conditional put."""
+    storage.check_bucket(workdir)
+    path = storage.join(workdir, LOCK_NAME)
+    me = _me()
+    for _ in range(5):
+        if storage.create_exclusive(path, json.dumps(me)) and _read(path) == me:
+            break
+        other = _read(path)
+        if other is None:
+            continue
+        if _alive(other):
+            raise WorkdirLocked(_held_message(workdir, other))
+        print(f"lclsc: note: {workdir} was locked by process {other.get('pid')} on {other.get('host')}, which no "
+              "longer runs; taking over its stale lock", file=sys.stderr, flush=True)
+        storage.remove(path)
+    else:
+        raise WorkdirLocked(f"{workdir}: could not take the lock {path} (another process keeps creating it); "
+                            "try again")
+    try:
+        yield path
+    finally:
+        if _read(path) == me:
+            storage.remove(path)
 
 
 def _me() -> dict[str, Any]:
@@ -101,8 +140,7 @@ def _create_exclusive(path: str, me: dict[str, Any]) -> bool:
 def _read(path: str) -> dict[str, Any] | None:
     """The lock file's content; None if it does not exist; a placeholder if it is unreadable."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(path))
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, recall_score
 
 from lclsc_jax import data, interop, models
+from lclsc_jax.data import storage
 from lclsc_jax.train import lock
 from lclsc_jax.train import predict as predict_lib
 from lclsc_jax.train import sharding as shd
@@ -140,7 +141,7 @@ def build_model(cfg: Config, num_classes: int) -> Any:
 
 
 def init_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:
-    """A fresh train state from ``cfg.seed``, sharded by ``state.state_sharding`` (replicated unless ``train.fsdp > 1``)."""
+    """A fresh train state from ``cfg.seed``, sharded by ``state_sharding`` (replicated unless ``train.fsdp > 1``)."""
     tx = make_optimizer(cfg)
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
     create = lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key)  # noqa: E731
@@ -154,19 +155,14 @@ def abstract_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding
     shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
     shapes = jax.eval_shape(lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key),
                             jax.random.PRNGKey(0))
-    return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                  shapes, state_sharding(shapes, mesh))
+    return shd.with_shardings(shapes, state_sharding(shapes, mesh))
 
 
 def write_json(path: str, obj: Any) -> None:
     """Write JSON atomically from process 0 only."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(obj, indent=2, default=_json_default))  # a local path or a bucket URL
 
 
 def _json_default(o: Any) -> Any:
@@ -205,13 +201,12 @@ def resolve_config(workdir: str, cfg: Config | None, overrides: dict[str, Any] |
     ``cfg`` replaces its config (with a notice).
     """
 
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path) and cfg is not None and not has_checkpoint(workdir):
+    path = storage.join(workdir, "config.json")
+    if storage.exists(path) and cfg is not None and not has_checkpoint(workdir):
         log(f"{workdir} has a config but no checkpoint (a start that failed or stopped before its first "
             "save): starting it afresh with the config given")
-    elif os.path.exists(path):
-        with open(path) as f:
-            saved = from_dict(json.load(f))
+    elif storage.exists(path):
+        saved = from_dict(json.loads(storage.read_text(path)))
         _check_resumable(workdir, saved, cfg, overrides)
         cfg = saved
     cfg = cfg or Config()
@@ -235,11 +230,10 @@ def _check_resumable(workdir: str, saved: Config, cfg: Config | None, overrides:
 def _refuse_repeated_divergence(workdir: str, cfg: Config) -> None:
     """Raise ``ValueError`` if the run diverged before with the same :data:`DIVERGENCE_KEYS` (it would again)."""
 
-    path = os.path.join(workdir, DIVERGED_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, DIVERGED_FILE)
+    if not storage.exists(path):
         return
-    with open(path) as f:
-        diverged = json.load(f)
+    diverged = json.loads(storage.read_text(path))
     flat = flatten(cfg)
     if any(flat[k] != v for k, v in diverged.get("settings", {}).items()):
         return
@@ -359,9 +353,9 @@ def _init_backbone(cfg: Config, state: TrainState, init_from: str, mesh: jax.sha
     from lclsc_jax.train import pretrain_state
 
     if pretrain_state.is_pretrain_run(init_from):
-        variables, report = pretrain_state.init_from_run(jax.device_get(state.variables), init_from, cfg)
+        variables, report = pretrain_state.init_from_run(shd.to_host(state.variables), init_from, cfg)
     else:
-        variables, report = interop.init_backbone_from(jax.device_get(state.variables), init_from, cfg.model.arch,
+        variables, report = interop.init_backbone_from(shd.to_host(state.variables), init_from, cfg.model.arch,
                                                         return_report=True)
     state = jax.device_put(state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {})),
                            shd.shardings_of(state))
@@ -374,8 +368,7 @@ def _record_start(run: _Run, split_info: dict[str, Any]) -> None:
     write_json(os.path.join(run.workdir, "config.json"), to_dict(run.cfg))
     write_json(os.path.join(run.workdir, "splits.json"), split_info)
     if jax.process_index() == 0:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(run.workdir, DIVERGED_FILE))
+        storage.remove(storage.join(run.workdir, DIVERGED_FILE))  # no error when absent
 
 
 def _run_to_end(run: _Run, progress: bool, split_info: dict[str, Any]) -> None:
@@ -478,11 +471,10 @@ def _check_same_data(workdir: str, split_info: dict[str, Any]) -> None:
     A folder or manifest edited between two calls (frames or patients added, labels changed)
     would otherwise continue the run on another split, possibly with test patients in training.
     """
-    path = os.path.join(workdir, "splits.json")
-    if not (os.path.exists(path) and has_checkpoint(workdir)):
+    path = storage.join(workdir, "splits.json")
+    if not (storage.exists(path) and has_checkpoint(workdir)):
         return
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
     for key in ("class_names", "patients", "indices"):
         if key in saved and saved[key] != json.loads(json.dumps(split_info[key])):
             raise ValueError(f"{workdir}: the data changed since this run started ({key} differ from its "

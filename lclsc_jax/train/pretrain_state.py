@@ -89,11 +89,7 @@ def create_state(model: models.SelfSupervisedModel, tx: optax.GradientTransforma
 
 def state_shardings(abstract: PretrainState, mesh: jax.sharding.Mesh) -> PretrainState:
     """Shardings of the state: parameters, optimizer state and teacher over ``fsdp`` (ZeRO-3); the rest replicated."""
-    rep = shd.replicated(mesh)
-    return PretrainState(step=rep, params=shd.fsdp_sharding(abstract.params, mesh),
-                         batch_stats=jax.tree_util.tree_map(lambda _: rep, abstract.batch_stats),
-                         opt_state=shd.fsdp_sharding(abstract.opt_state, mesh),
-                         teacher=shd.fsdp_sharding(abstract.teacher, mesh), center=rep, rng=rep)
+    return shd.state_sharding(abstract, mesh)
 
 
 def abstract_state(cfg: Config, model: models.SelfSupervisedModel, tx: optax.GradientTransformation,
@@ -101,9 +97,7 @@ def abstract_state(cfg: Config, model: models.SelfSupervisedModel, tx: optax.Gra
     """``(shapes with shardings, shardings)`` of the state, without allocating it."""
     shapes = jax.eval_shape(lambda key: create_state(model, tx, cfg, key), jax.random.PRNGKey(0))
     shardings = state_shardings(shapes, mesh)
-    abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                      shapes, shardings)
-    return abstract, shardings
+    return shd.with_shardings(shapes, shardings), shardings
 
 
 def is_pretrain_run(path: str) -> bool:

@@ -1,16 +1,26 @@
-"""Run logging: a progress bar on terminals, plain lines otherwise, JSON lines and TensorBoard."""
+"""Run logging: a progress bar on terminals, plain lines otherwise, JSON lines and TensorBoard.
+
+In a bucket workdir (``gs://``, ``s3://``), where objects cannot be appended to, the metric files
+are written to a local folder (the run's earlier ``metrics.jsonl`` fetched first) and uploaded
+whole every ``sync_every`` seconds and on close.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 from typing import Any
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from lclsc_jax.data import storage
 
 
 def log(msg: str, enabled: bool = True) -> None:
@@ -20,18 +30,33 @@ def log(msg: str, enabled: bool = True) -> None:
 
 
 class MetricWriter:
-    """Append metrics to ``WORKDIR/metrics.jsonl`` and TensorBoard event files (process 0 only)."""
+    """Append metrics to ``WORKDIR/metrics.jsonl`` and TensorBoard event files (process 0 only).
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    ``WORKDIR`` may be a bucket URL: then the files are uploaded every ``sync_every`` seconds and on close.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, sync_every: float = 30.0):
         self.enabled = jax.process_index() == 0
         self._file = None
         self._tb = None
+        self._remote = None
+        self.sync_every = sync_every
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard:
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        local = workdir
+        if storage.is_url(workdir):
+            self._remote, local = workdir, tempfile.mkdtemp(prefix="lclsc-metrics-")
+            earlier = storage.join(workdir, "metrics.jsonl")
+            if storage.exists(earlier):
+                with open(os.path.join(local, "metrics.jsonl"), "w") as f:
+                    f.write(storage.read_text(earlier))
+        os.makedirs(local, exist_ok=True)
+        self._local = local
+        self._file = open(os.path.join(local, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:  # in a bucket, a suffix keeps two calls within a second from uploading one file name
+            suffix = f".{uuid.uuid4().hex[:8]}" if self._remote else ""
+            self._tb = SummaryWriter(os.path.join(local, "tb"), filename_suffix=suffix)
+        self._synced = time.monotonic()
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
         """Record scalar ``metrics`` at ``step`` under ``prefix``."""
@@ -42,13 +67,33 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+        if self._remote is not None and time.monotonic() - self._synced >= self.sync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload ``metrics.jsonl`` and the TensorBoard files to a bucket workdir (no-op for a local one)."""
+        if self._remote is None:
+            return
+        if self._file and not self._file.closed:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        storage.upload_tree(self._remote, self._local)
+        self._synced = time.monotonic()
 
     def close(self) -> None:
-        """Flush and close."""
+        """Flush and close (a bucket workdir: upload, then remove the local copy)."""
         if self._file:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._remote is not None:
+            try:
+                self.sync()
+            finally:
+                shutil.rmtree(self._local, ignore_errors=True)
+                self._remote = None
 
 
 def _is_scalar(v: Any) -> bool:
