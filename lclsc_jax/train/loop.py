@@ -296,9 +296,9 @@ def train(cfg: Config, workdir: str, *, init_from: str | None = None, num_device
     """
     with _sigterm_stops_cleanly(), lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         _refuse_repeated_divergence(workdir, cfg)
-        ds, splits, split_info = _prepare_data(cfg, workdir, dataset, splits)
+        ds, splits, info = _prepare_data(cfg, workdir, dataset, splits)
         run = _build(cfg, workdir, ds, splits, init_from, num_devices, stop_after)
-        _run_to_end(run, progress, split_info)
+        _run_to_end(run, progress, info)
     return {"step": run.step, "val": run.last_val, "workdir": workdir}
 
 
@@ -311,13 +311,17 @@ def _prepare_data(cfg: Config, workdir: str, dataset: Any,
         check_training_classes(ds, splits, cfg.data.source)
     else:
         data.check_disjoint(ds.patients, splits)
-    split_info = {
-        "indices": {k: np.asarray(v).tolist() for k, v in splits.items()},
-        "class_names": list(ds.class_names),
-        "patients": {k: sorted(set(map(str, ds.patients[v]))) for k, v in splits.items()},
-        "counts": {k: int(len(v)) for k, v in splits.items()}}
-    _check_same_data(workdir, split_info)
-    return ds, splits, split_info
+    info = split_info(ds, splits)
+    _check_same_data(workdir, info)
+    return ds, splits, info
+
+
+def split_info(ds: Any, splits: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What ``splits.json`` records of a run's data: record indices, class names, patients and counts per split."""
+    return {"indices": {k: np.asarray(v).tolist() for k, v in splits.items()},
+            "class_names": list(ds.class_names),
+            "patients": {k: sorted(set(map(str, ds.patients[v]))) for k, v in splits.items()},
+            "counts": {k: int(len(v)) for k, v in splits.items()}}
 
 
 def _build(cfg: Config, workdir: str, ds: Any, splits: dict[str, np.ndarray], init_from: str | None,

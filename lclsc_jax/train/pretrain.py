@@ -40,6 +40,7 @@ from lclsc_jax.train.loop import (
     _on_disk,
     load_dataset,
     make_splits,
+    split_info,
     write_json,
 )
 from lclsc_jax.train.reporting import MetricWriter, Progress, log
@@ -124,15 +125,12 @@ def pretrain(cfg: Config, workdir: str, *, num_devices: int | None = None, stop_
         ds = dataset if dataset is not None else load_dataset(cfg)
         check_objective(cfg, ds)
         splits = make_splits(cfg, ds)
-        split_info = {"indices": {k: np.asarray(v).tolist() for k, v in splits.items()},
-                      "class_names": list(ds.class_names),
-                      "patients": {k: sorted(set(map(str, ds.patients[v]))) for k, v in splits.items()},
-                      "counts": {k: int(len(v)) for k, v in splits.items()}}
-        _check_same_data(workdir, split_info)
+        info = split_info(ds, splits)
+        _check_same_data(workdir, info)
         run = _build(cfg, workdir, ds, splits, num_devices, stop_after)
         try:
             write_json(storage.join(workdir, "config.json"), to_dict(cfg))
-            write_json(storage.join(workdir, "splits.json"), split_info)
+            write_json(storage.join(workdir, "splits.json"), info)
             ps.write_marker(workdir, cfg)
             run.writer = MetricWriter(workdir)
             run.bar = Progress(cfg.train.steps, run.step, cfg.train.batch_size, enabled=progress)
