@@ -104,14 +104,6 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def shard_bytes(shapes: Any, shardings: Any) -> int:
-    """Bytes one device holds of a tree of shapes placed by ``shardings`` (no allocation; even splits)."""
-    total = 0
-    for x, sh in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings)):
-        total += int(np.prod(sh.shard_shape(tuple(x.shape)), dtype=np.int64)) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def bytes_per_device(tree: Any) -> dict[str, int]:
     """Bytes each (addressable) device holds of a tree, read from the leaves' shardings: FSDP's saving.
 
