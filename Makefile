@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,torch,parity,onnx,cloud]" 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt grad-cam timm 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(BIN)/python -c "import lclsc_jax, jax, flax, optax, grain, orbax.checkpoint, tensorflow_datasets, torch, safetensors, s3fs, gcsfs, moto"
+	$(BIN)/python -c "import lclsc_jax, jax, flax, optax, grain, orbax.checkpoint, tensorflow_datasets, torch, safetensors, s3fs, gcsfs, moto, nibabel, monai"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
