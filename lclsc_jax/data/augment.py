@@ -51,17 +51,27 @@ def _affine(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: 
 def augment_record(
     image_u8: np.ndarray, mask: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Augment one record: uint8 (H, W, C), uint8 (H, W) -> float32 [0,1] (H, W, C), uint8 (H, W)."""
+    """Augment one record: uint8 (H, W, C), uint8 (H, W) -> float32 [0,1] (H, W, C), uint8 (H, W).
+
+    A volume (D, H, W, C) with mask (D, H, W) gets a random flip along each spatial axis
+    (``flips``) and the intensity ops; rot90 and the affine are 2D-only and skipped.
+    """
     x = image_u8.astype(np.float32) * np.float32(1.0 / 255.0)
     m = mask
     if not cfg.enabled:
         return x, m
-    if cfg.rot90 or cfg.flips:
+    if m.ndim == 3:
+        if cfg.flips:
+            for axis in range(3):
+                if rng.integers(0, 2):
+                    x, m = np.flip(x, axis), np.flip(m, axis)
+            x, m = np.ascontiguousarray(x), np.ascontiguousarray(m)
+    elif cfg.rot90 or cfg.flips:
         k = int(rng.integers(0, 4)) if cfg.rot90 else 0
         f = int(rng.integers(0, 2)) if cfg.flips else 0
         t = k + 4 * f
         x, m = dihedral_np(x, t), dihedral_np(m, t)
-    if cfg.affine and (cfg.rotation_degrees or cfg.translate or cfg.scale != (1.0, 1.0)):
+    if m.ndim == 2 and cfg.affine and (cfg.rotation_degrees or cfg.translate or cfg.scale != (1.0, 1.0)):
         x, m = _affine(x, m, rng, cfg)
     if cfg.intensity and (cfg.brightness or cfg.contrast):
         c = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)

@@ -17,30 +17,24 @@ changes) and converted from there.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from tensorflow_datasets.core.utils import tqdm_utils
 
 from lclsc_jax.data import io as data_io
 from lclsc_jax.data import storage
+from lclsc_jax.data.cache import INDEX_FILE, Dataset, RecordSource, _atomic_build, default_cache_dir, prepare_quietly
 from lclsc_jax.data.settings import SyntheticConfig
 from lclsc_jax.data.synthetic import generate, pass_metadata, patient_ids, patient_label
 
-INDEX_FILE = "lclsc_index.json"
 _CODE_PATH = epath.Path(__file__)
 USER_FORMAT_VERSION = "1.1.0"
 
@@ -61,11 +55,6 @@ class _DropCustomConfigWarning(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_DropCustomConfigWarning())
-
-
-def default_cache_dir() -> str:
-    """``$LCLSC_DATA_DIR`` or ``~/.cache/lclsc_jax``."""
-    return os.environ.get("LCLSC_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lclsc_jax")
 
 
 def _features(image_size: int, channels: int, class_names, with_mask: bool,
@@ -189,81 +178,6 @@ class LclscUserImages(tfds.core.GeneratorBasedBuilder):
             yield i, ex
 
 
-class RecordSource:
-    """Random-access view of a built dataset: ``src[i]`` -> dict(image, label, patient, mask)."""
-
-    def __init__(self, tfds_source, image_size: int, has_masks: bool):
-        self._src = tfds_source
-        self._zeros = np.zeros((image_size, image_size), np.uint8)
-        self._has_masks = has_masks
-
-    def __len__(self) -> int:
-        return len(self._src)
-
-    def _convert(self, ex: dict) -> dict:
-        p = ex["patient"]
-        return {
-            "image": ex["image"],
-            "label": int(ex["label"]),
-            "patient": p.decode() if isinstance(p, bytes) else str(p),
-            "mask": ex["mask"] if self._has_masks else self._zeros,
-        }
-
-    def __getitem__(self, i: int) -> dict:
-        return self._convert(self._src[int(i)])
-
-    def __getitems__(self, idx) -> list[dict]:
-        """Batched read (array_record reads the records in one call)."""
-        return [self._convert(ex) for ex in self._src.__getitems__([int(i) for i in idx])]
-
-    def __repr__(self) -> str:
-        return f"RecordSource(n={len(self)}, has_masks={self._has_masks})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A built dataset: random-access ``source`` and per-record metadata arrays (N,)."""
-
-    source: RecordSource
-    class_names: tuple[str, ...]
-    labels: np.ndarray  # int32 (N,)
-    patients: np.ndarray  # str (N,)
-    has_masks: bool
-    image_size: int
-    channels: int
-    split_column: np.ndarray | None = None  # str (N,) from a manifest's `split` column
-    path: str = ""  # cache directory of the built dataset
-    sequence: np.ndarray | None = None  # str (N,): probe pass / video within the patient
-    frame: np.ndarray | None = None  # int32 (N,): frame index within its sequence (-1 unknown)
-    diagnostic: np.ndarray | None = None  # bool (N,): False for non-diagnostic frames
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def _atomic_build(final_dir: Path, build: Callable[[Path], dict]) -> None:
-    """Run ``build(tmp_dir) -> index`` in a temp dir, write the index, rename into place."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
-    try:
-        index = build(tmp)
-        (tmp / INDEX_FILE).write_text(json.dumps(index))
-        try:
-            os.rename(tmp, final_dir)
-        except OSError:
-            if not (final_dir / INDEX_FILE).exists():  # lost a race only if the winner finished
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuilder]) -> Dataset:
     """Open a built cache directory as a Dataset."""
     index = json.loads((final_dir / INDEX_FILE).read_text())
@@ -291,18 +205,8 @@ def _open(final_dir: Path, make_builder: Callable[[Path], tfds.core.DatasetBuild
 
 
 def _quiet_prepare(builder: tfds.core.DatasetBuilder, num_records: int) -> None:
-    """download_and_prepare in :func:`num_shards` shards, without network access, progress bars or TFDS's
-    "Downloading" lines; one notice on stderr."""
-    dl = tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards(num_records))
-    was_active = tqdm_utils._active  # pylint: disable=protected-access
-    tqdm_utils.display_progress_bar(False)
-    print(f"[data] building the {builder.name} cache (once; later runs reuse it)",
-          file=sys.stderr, flush=True)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading ..." though nothing downloads
-            builder.download_and_prepare(download_config=dl)
-    finally:
-        tqdm_utils.display_progress_bar(was_active)
+    """download_and_prepare in :func:`num_shards` shards, quietly (``cache.prepare_quietly``)."""
+    prepare_quietly(builder, num_shards(num_records))
 
 
 def load_synthetic(config: SyntheticConfig, cache_dir: str | os.PathLike) -> Dataset:
@@ -420,11 +324,14 @@ def load(
     source: str = "synthetic",
     *,
     image_size: int | None = None,
-    channels: int = 1,
+    channels: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     synthetic: SyntheticConfig | None = None,
     allow_outside_root: bool = False,
     labelled: bool = True,
+    volumes: bool | None = None,
+    brain: Any = None,
+    spacing: float | tuple[float, float, float] | None = None,
 ) -> Dataset:
     """Build once (cached array_record TFDS dataset) and open ``source`` as a Dataset.
 
@@ -436,8 +343,24 @@ def load(
     (the synthetic data keeps its labels: pretraining hides them by itself).
     A ``gs://`` or ``s3://`` folder or manifest is mirrored to ``CACHE/mirror/`` first; a bucket
     manifest's paths are relative to its bucket folder, and errors name the URLs.
+    ``channels`` None: 1 for images, the data's own count for volumes.
+    Volumes (``data.volume_builders.load_volumes``): ``source="brain3d"`` (``brain``: a
+    ``BrainConfig``), or ``volumes=True`` / None (detected: a CSV or folder of ``.nii[.gz]``/``.npy``
+    files); ``spacing`` (mm) resamples them to that voxel spacing before the crop/pad to ``image_size``.
     """
     cache_dir = Path(cache_dir or default_cache_dir())
+    if volumes is None:
+        from lclsc_jax.data.volume_builders import looks_like_volumes
+
+        volumes = brain is not None or (not storage.is_url(source) and looks_like_volumes(source))
+    if volumes:
+        from lclsc_jax.data.volume_builders import load_volumes
+
+        return load_volumes(source, image_size=image_size, channels=channels, cache_dir=cache_dir, brain=brain,
+                            spacing=spacing, allow_outside_root=allow_outside_root, labelled=labelled)
+    if spacing is not None:
+        raise ValueError("`spacing` applies to volumes only")
+    channels = 1 if channels is None else channels
     if source == "synthetic":
         if channels != 1:
             raise ValueError("the synthetic dataset is grayscale: use channels=1")

@@ -62,3 +62,42 @@ def export_synthetic(config: SyntheticConfig, out_dir: str | os.PathLike,
         w.writerows(rows)
     os.replace(tmp, out / MANIFEST)  # the manifest appears only once every file is written
     return str(out / MANIFEST)
+
+
+VOLUME_COLUMNS = ("path", "label", "patient", "mask")
+
+
+def export_volumes(config, out_dir: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> str:
+    """Write the brain benchmark ``config`` (a ``BrainConfig``) as NIfTI files under ``out_dir``; returns the manifest.
+
+    Layout: ``OUT/images/<subject>/v<k>.nii.gz`` (float32 (S, S, S, C), the raw generated
+    intensities), ``OUT/masks/<subject>/v<k>.nii.gz`` (uint8 lesion mask), ``OUT/manifest.csv``
+    (path,label,patient,mask) and ``OUT/brain_config.json``; all with ``brain3d.affine(config)``.
+    ``--data OUT/manifest.csv`` at ``image_size = config.size`` reads back the same records as
+    ``--data brain3d``. Refuses a folder that already holds a manifest.
+    """
+    from lclsc_jax.data import brain3d
+    from lclsc_jax.data.volumes import write_nifti
+
+    out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        raise FileExistsError(f"{out / MANIFEST} exists; choose an empty --out folder or delete it")
+    aff = brain3d.affine(config)
+    rows = []
+    for s, sid in enumerate(brain3d.subject_ids(config)):
+        for rec in brain3d.generate_subject(config, s):
+            img_rel, mask_rel = f"images/{sid}/v{rec['volume']}.nii.gz", f"masks/{sid}/v{rec['volume']}.nii.gz"
+            write_nifti(out / img_rel, rec["image"], aff)
+            write_nifti(out / mask_rel, rec["mask"].astype(np.uint8), aff)
+            rows.append({"path": img_rel, "label": config.classes[rec["label"]], "patient": sid, "mask": mask_rel})
+        if progress is not None:
+            progress(s + 1, config.n_subjects)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "brain_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    tmp = out / f".{MANIFEST}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(VOLUME_COLUMNS))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / MANIFEST)
+    return str(out / MANIFEST)

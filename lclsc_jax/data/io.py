@@ -22,6 +22,7 @@ import tifffile
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".npy")  # data.volumes; a manifest cell `a;b` of these = one file per channel
 MANIFEST_COLUMNS = ("path", "label", "patient")
 OPTIONAL_COLUMNS = ("mask", "split", "sequence", "frame", "diagnostic")
 SPLIT_NAMES = ("train", "val", "test")
@@ -180,31 +181,33 @@ def _check_patient_once(patient_dirs: dict[str, Path], pdir: Path) -> None:
 UNLABELLED = "unlabelled"
 
 
-def _scan_patients(root: Path, hidden: list[Path]) -> list[RecordSpec]:
+def _scan_patients(root: Path, hidden: list[Path], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[RecordSpec]:
     """``ROOT/<patient>/<frame>`` files as records of the one class :data:`UNLABELLED`."""
     records = [RecordSpec(str(f), 0, pdir.name, where=str(f))
                for pdir in (d for d in _visible(root, hidden) if d.is_dir())
-               for f in _visible(pdir, hidden) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+               for f in _visible(pdir, hidden) if f.is_file() and f.name.lower().endswith(extensions)]
     if not records:
-        raise DataError(f"{root}: no images (expected ROOT/<patient>/<frame>{{{','.join(IMAGE_EXTENSIONS)}}} "
+        raise DataError(f"{root}: no images (expected ROOT/<patient>/<frame>{{{','.join(extensions)}}} "
                         "for unlabelled frames)")
     return records
 
 
-def scan_folder(root: str | os.PathLike, labelled: bool = True) -> tuple[tuple[str, ...], list[RecordSpec]]:
+def scan_folder(root: str | os.PathLike, labelled: bool = True,
+                extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> tuple[tuple[str, ...], list[RecordSpec]]:
     """List ROOT/<class>/<patient>/<frame>.<ext> files; returns (class_names, records).
 
     Hidden entries (names starting with '.') are skipped with a ``DataWarning``; a patient
     folder name found under two classes is a ``DataError`` naming both folders. With
     ``labelled=False`` the folder is ``ROOT/<patient>/<frame>.<ext>`` (no class level) and every
     frame is of the one class :data:`UNLABELLED` (never guessed from the layout: the caller says so).
+    ``extensions``: the file name endings read (volumes: ``data.volumes.VOLUME_EXTENSIONS``).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
     hidden: list[Path] = []
     if not labelled:
-        records = _scan_patients(root, hidden)
+        records = _scan_patients(root, hidden, extensions)
         _warn_hidden(root, hidden)
         return (UNLABELLED,), records
     class_dirs = [d for d in _visible(root, hidden) if d.is_dir()]
@@ -218,12 +221,12 @@ def scan_folder(root: str | os.PathLike, labelled: bool = True) -> tuple[tuple[s
         for pdir in (d for d in _visible(cdir, hidden) if d.is_dir()):
             _check_patient_once(patient_dirs, pdir)
             for f in _visible(pdir, hidden):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                if f.is_file() and f.name.lower().endswith(extensions):
                     records.append(RecordSpec(str(f), label, pdir.name, where=str(f)))
         if len(records) == n_before:
             raise DataError(
                 f"{cdir}: class '{cdir.name}' has no images "
-                f"(expected {cdir}/<patient>/<frame>{{{','.join(IMAGE_EXTENSIONS)}}})"
+                f"(expected {cdir}/<patient>/<frame>{{{','.join(extensions)}}})"
             )
     _warn_hidden(root, hidden)
     return class_names, records
@@ -262,12 +265,12 @@ def _check_one_label(first_row: dict[str, tuple[str, str]], patient: str, label:
 
 
 def source_path(value: str) -> str:
-    """A data source as a run's config saves it: ``synthetic`` and URLs as given, a local path made absolute.
+    """A data source as a run's config saves it: ``synthetic``, ``brain3d`` and URLs as given, a local path absolute.
 
     An absolute path keeps the run usable (evaluate, resume, cv, an ablation's child runs) from
-    any working directory.
+    any working directory. (A local folder named ``brain3d`` is ``./brain3d``.)
     """
-    if value == "synthetic" or "://" in value:
+    if value in ("synthetic", "brain3d") or "://" in value:
         return value
     return os.path.abspath(os.path.expanduser(value))
 
@@ -322,9 +325,16 @@ def read_manifest(
         if r["label"] not in index:
             raise DataError(f"{where}: unknown label '{r['label']}' (known: {list(class_names)})")
         _check_one_label(first_row, r["patient"], r["label"], where)
-        path = base / r["path"]
-        if not path.is_file():
-            raise DataError(f"{where}: image path '{r['path']}' does not exist ({path})")
+        rels = [r["path"]]
+        if ";" in r["path"] and not (base / r["path"]).is_file():
+            rels = [p.strip() for p in r["path"].split(";")]
+            if not all(p.lower().endswith(VOLUME_EXTENSIONS) for p in rels):
+                raise DataError(f"{where}: image path '{r['path']}' does not exist; several files in one cell "
+                                f"('a;b', the channels of one volume) must all be volumes {list(VOLUME_EXTENSIONS)}")
+        for rel in rels:
+            if not (base / rel).is_file():
+                raise DataError(f"{where}: image path '{rel}' does not exist ({base / rel})")
+        path = ";".join(str(base / rel) for rel in rels)
         mask = None
         if r.get("mask"):
             mpath = base / r["mask"]
@@ -358,7 +368,8 @@ def check_inside_root(csv_path: str | os.PathLike, records: list[RecordSpec]) ->
     """Raise ``DataError`` at the first record whose image or mask leaves the manifest's folder (``../``, absolute)."""
     base = Path(csv_path).parent
     for r in records:
-        bad = next((p for p in (r.path, r.mask) if p is not None and not _inside(p, base)), None)
+        paths = r.path.split(";") if ";" in r.path and not os.path.isfile(r.path) else [r.path]
+        bad = next((p for p in (*paths, r.mask) if p is not None and not _inside(p, base)), None)
         if bad is not None:
             raise DataError(f"{r.where}: '{bad}' is outside the manifest's folder {os.path.abspath(base)}; "
                             "paths in a manifest are read relative to its folder. To read files elsewhere "

@@ -154,8 +154,9 @@ def train_iterator(
     """Infinite, checkpointable iterator over this process's batches.
 
     Each batch: image float32 (B_local, H, W, C) normalised, label int32 (B_local,), mask uint8
-    (B_local, H, W), index int64 (B_local,) record indices. There is no second (transformed)
-    view: the LCL-SC train step draws its dihedral transform on the device.
+    (B_local, H, W), index int64 (B_local,) record indices; volumes give (B_local, D, H, W, C) and
+    (B_local, D, H, W) (augmented by random flips along each axis and the intensity ops). There is no
+    second (transformed) view: the LCL-SC train step draws its dihedral transform on the device.
     State: ``it.get_state()`` / ``it.set_state(state)``, or orbax with
     ``grain.checkpoint.CheckpointSave(it)`` / ``grain.checkpoint.CheckpointRestore(it)``.
     """

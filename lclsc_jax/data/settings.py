@@ -188,6 +188,82 @@ class SyntheticConfig:
                 f"seed{self.seed}_{self.fingerprint()}")
 
 
+BRAIN_GENERATOR_VERSION = "1.0.0"
+
+#: The class evidence of the 3D brain benchmark (``data.brain3d``): how the same lesion intensities are arranged.
+EVIDENCE_3D = {
+    "ring": "ring enhancement: a bright rim around a dark necrotic core",
+    "solid": "solid enhancement: a bright centre fading to a dark margin",
+    "diffuse": "infiltrative: bright and dark patches mixed through the lesion, no radial order",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BrainConfig:
+    """Parameters of the synthetic 3D MRI-like brain tumour benchmark (``data.brain3d``); every field changes the bytes.
+
+    One volume per subject (``volumes_per_subject`` > 1: repeat scans of the subject's same
+    anatomy and lesion, with their own noise, bias field and intensity scaling). Ranges ``(lo, hi)``
+    are drawn per subject uniformly. Intensity units: white matter of the T1c-like channel = 1
+    before the per-subject gain/offset. The classes differ only in how the lesion's intensities
+    are arranged (``EVIDENCE_3D``): every lesion has the same intensity distribution (by rank) and
+    its size is drawn from one class-independent range.
+    """
+
+    classes: tuple[str, ...] = ("ring", "solid", "diffuse")
+    n_subjects: int = 60
+    volumes_per_subject: int = 1
+    size: int = 32  # voxels per side (cube); 64 or 96 for experiments
+    channels: int = 1  # 1: T1c-like; 2: + FLAIR-like (oedema bright)
+    seed: int = 0
+    noise: float = 0.03  # Rician noise sigma, relative to white matter
+    bias_strength: float = 0.2  # std of the log bias field
+    gain: tuple[float, float] = (0.8, 1.25)  # per-volume multiplicative intensity scaling
+    offset: tuple[float, float] = (0.0, 0.1)  # per-volume additive offset (inside the head)
+    lesion_radius: tuple[float, float] = (0.16, 0.26)  # fraction of the half-size of the volume
+    lesion_irregularity: float = 0.15  # relative amplitude of the smooth boundary deformation
+    oedema_width: tuple[float, float] = (0.3, 0.6)  # FLAIR halo width, fraction of the lesion radius
+    fold_amplitude: float = 0.12  # grey/white boundary folding (fraction of the brain radius)
+
+    def __post_init__(self):
+        unknown = [c for c in self.classes if c not in EVIDENCE_3D]
+        if unknown:
+            raise ValueError(f"BrainConfig.classes: unknown {unknown}; known {list(EVIDENCE_3D)}")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"BrainConfig.classes must be >= 2 distinct names, got {self.classes}")
+        if self.n_subjects < len(self.classes):
+            raise ValueError(f"BrainConfig.n_subjects={self.n_subjects} < {len(self.classes)} classes")
+        if self.size < 16:
+            raise ValueError(f"BrainConfig.size must be >= 16, got {self.size}")
+        if self.channels not in (1, 2):
+            raise ValueError(f"BrainConfig.channels must be 1 or 2, got {self.channels}")
+        if self.volumes_per_subject < 1:
+            raise ValueError("BrainConfig.volumes_per_subject must be >= 1")
+        if self.noise < 0 or self.bias_strength < 0 or not 0 <= self.lesion_irregularity <= 0.3:
+            raise ValueError("BrainConfig: noise and bias_strength must be >= 0, lesion_irregularity in [0, 0.3]")
+        for name in ("gain", "offset", "lesion_radius", "oedema_width"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"BrainConfig.{name}: need lo <= hi, got {(lo, hi)}")
+        if not (0 < self.lesion_radius[0] and self.lesion_radius[1] <= 0.35):
+            raise ValueError(f"BrainConfig.lesion_radius must lie in (0, 0.35], got {self.lesion_radius}")
+
+    @property
+    def num_volumes(self) -> int:
+        """Total number of volumes."""
+        return self.n_subjects * self.volumes_per_subject
+
+    def fingerprint(self) -> str:
+        """Short hash of all fields (and the generator version), for cache keys."""
+        blob = json.dumps({"v": BRAIN_GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def name(self) -> str:
+        """Readable, unique config name, e.g. ``32vox_60s_1v_1c_seed0_<hash>``."""
+        return (f"{self.size}vox_{self.n_subjects}s_{self.volumes_per_subject}v_{self.channels}c_"
+                f"seed{self.seed}_{self.fingerprint()}")
+
+
 def parse_value(what: str, raw: str, default: Any) -> Any:
     """Parse the string ``raw`` like ``default``: bool (true/false/1/0/yes/no/on/off), int, float, str,
     a pair ``lo,hi`` (one value ``v`` means ``(v, v)``) or comma-separated names; ``what`` names it in errors."""

@@ -39,14 +39,14 @@ BLUR_SAMPLES = 5
 SMEAR_SAMPLES = 15
 
 
-def config_from_options(options: Sequence[str] = (), **fields: Any) -> SyntheticConfig:
-    """A SyntheticConfig from ``fields`` and ``KEY=VALUE`` strings (``noise=false``, ``photons=5,20``, ...).
+def config_from_options(options: Sequence[str] = (), cls: type = SyntheticConfig, **fields: Any) -> Any:
+    """A SyntheticConfig (or ``cls``, e.g. ``BrainConfig``) from ``fields`` and ``KEY=VALUE`` strings.
 
-    Values are parsed by the field's type: bool (true/false/1/0/yes/no), int, float, a pair
-    ``lo,hi`` for ranges, comma-separated names for ``classes``. An unknown key names the
-    closest valid ones.
+    E.g. ``noise=false``, ``photons=5,20``. Values are parsed by the field's type: bool
+    (true/false/1/0/yes/no), int, float, a pair ``lo,hi`` for ranges, comma-separated names for
+    ``classes``. An unknown key names the closest valid ones.
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(SyntheticConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     values = dict(fields)
     for opt in options:
         key, sep, raw = opt.partition("=")
@@ -58,7 +58,7 @@ def config_from_options(options: Sequence[str] = (), **fields: Any) -> Synthetic
             hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(defaults)}"
             raise ValueError(f"unknown synthetic option {key!r}{hint}")
         values[key] = parse_value(f"synthetic option {key}", raw.strip(), defaults[key])
-    return SyntheticConfig(**values)
+    return cls(**values)
 
 
 def patient_ids(config: SyntheticConfig) -> list[str]:

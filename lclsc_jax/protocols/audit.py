@@ -41,7 +41,8 @@ from lclsc_jax.evaluate import shortcuts
 from lclsc_jax.protocols.cam_benchmark import localisation_row, select_images
 from lclsc_jax.train.reporting import log
 
-__all__ = ["CLASSIFIERS", "audit_dataset", "bootstrap_scores", "format_audit", "patient_folds", "verdict"]
+__all__ = ["CLASSIFIERS", "audit_dataset", "bootstrap_scores", "format_audit", "patient_folds", "verdict",
+           "volume_band_edges", "volume_statistics"]
 
 #: Classifiers fitted on the global statistics.
 CLASSIFIERS: tuple[str, ...] = ("logistic", "boosting", "knn")
@@ -66,14 +67,66 @@ def _read(ds: Any, indices: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, n
     return np.stack(images), (np.stack(masks) if ds.has_masks else None)
 
 
+def volume_band_edges(shape: Sequence[int], n_bands: int = shortcuts.N_SPECTRUM_BANDS) -> np.ndarray:
+    """``(n_bands + 1,)`` log-spaced radial frequency edges (cycles/voxel) of a volume, lowest to the cube's corner."""
+    return np.geomspace(1.0 / max(shape), np.sqrt(0.75), n_bands + 1)
+
+
+def volume_statistics(volumes: Any, n_bands: int = shortcuts.N_SPECTRUM_BANDS) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Global statistics of volumes ``(N, D, H, W[, C])`` (uint8 or [0, 1] float): ``(features (N, F), names)``.
+
+    The 3D counterparts of ``shortcuts.global_statistics``, same names and groups, over every voxel
+    of the channel mean: the ``histogram.*`` moments and percentiles; ``spectrum.band*`` shares of the
+    mean-removed 3D power spectrum in ``volume_band_edges`` bands and ``spectrum.log_energy``;
+    ``gradient.magnitude_mean`` (``np.gradient`` over the three axes, interior voxels) and
+    ``gradient.coherence``: anisotropy of the summed 3D structure tensor,
+    ``sqrt(1.5 sum (l_i - mean l)^2 / sum l_i^2)`` of its eigenvalues (0 isotropic, 1 one orientation).
+    """
+    x = np.asarray(volumes)
+    scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
+    x = x.astype(np.float64) * scale
+    if x.ndim == 5:
+        x = x.mean(axis=-1)
+    if x.ndim != 4:
+        raise ValueError(f"volumes must have shape (N, D, H, W) or (N, D, H, W, C), got {np.shape(volumes)}")
+    n, shape = x.shape[0], x.shape[1:]
+    hist = shortcuts._histogram_stats(x.reshape(n, -1))  # pylint: disable=protected-access
+    xm = x - x.reshape(n, -1).mean(axis=1)[:, None, None, None]
+    power = np.abs(np.fft.fftn(xm, axes=(1, 2, 3))) ** 2
+    f = np.meshgrid(*[np.fft.fftfreq(s) for s in shape], indexing="ij")
+    r = np.sqrt(sum(fi**2 for fi in f))
+    nz = r > 0
+    edges = volume_band_edges(shape, n_bands)
+    band = np.clip(np.searchsorted(edges, r[nz], side="right") - 1, 0, n_bands - 1)
+    p = power[:, nz]
+    energy = np.stack([p[:, band == b].sum(axis=1) for b in range(n_bands)], axis=1)
+    total = energy.sum(axis=1)
+    frac = np.where(total[:, None] > 0, energy / np.where(total > 0, total, 1.0)[:, None], 0.0)
+    log_energy = np.log(total / (np.prod(shape) ** 2) + 1e-12)  # Parseval: the variance of the volume
+    g = np.gradient(x, axis=(1, 2, 3))
+    inner = (slice(None),) + (slice(1, -1),) * 3
+    g = [gi[inner].reshape(n, -1) for gi in g]
+    mag = np.sqrt(sum(gi**2 for gi in g)).mean(axis=1)
+    tensor = np.stack([np.stack([(g[a] * g[b]).sum(axis=1) for b in range(3)], -1) for a in range(3)], -2)
+    lam = np.linalg.eigvalsh(tensor)
+    den = (lam**2).sum(axis=1)
+    coh = np.where(den > 0, np.sqrt(1.5 * ((lam - lam.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+                                    / np.where(den > 0, den, 1.0)), 0.0)
+    feats = np.column_stack([hist, frac, log_energy, mag, coh])
+    return feats.astype(np.float64), shortcuts.feature_names(n_bands)
+
+
 def _features(ds: Any, indices: np.ndarray, valid: np.ndarray | None, progress: bool,
               chunk: int = 256) -> tuple[np.ndarray, tuple[str, ...]]:
-    """``global_statistics`` of records ``indices``, read and computed in chunks (bounded memory)."""
+    """``global_statistics`` (``volume_statistics`` for volumes) of records ``indices``, in chunks (bounded memory)."""
     feats, names = [], ()
     t0 = time.time()
     for i in range(0, len(indices), chunk):
         images, _ = _read(ds, indices[i:i + chunk], chunk)
-        f, names = shortcuts.global_statistics(images, valid)
+        if images.ndim == 5:
+            f, names = volume_statistics(images)
+        else:
+            f, names = shortcuts.global_statistics(images, valid)
         feats.append(f)
         done = min(i + chunk, len(indices))
         if progress and (done == len(indices) or (i // chunk) % 8 == 7):
@@ -336,13 +389,20 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
         raise ValueError(f"split {map_split!r} is empty or unknown; choose from "
                          f"{sorted(k for k in splits if len(splits[k]))} or 'all'")
 
-    valid, score_valid, fov = _detect_fov(ds, used)
+    first_shape = ds.source[int(used[0])]["image"].shape
+    is_volume = len(first_shape) == 4  # (D, H, W, C): no field of view, 3D statistics, no blind maps
+    if is_volume:
+        valid = score_valid = None
+        fov = {"used": "whole", "valid_pixels": int(np.prod(first_shape[:3])),
+               "description": "volumes: statistics over every voxel (no field of view)"}
+    else:
+        valid, score_valid, fov = _detect_fov(ds, used)
     log(f"[audit-data] field of view: {fov['description']}", progress)
     x, names = _features(ds, used, valid, progress)
     groups = {g: [i for i, nm in enumerate(names) if shortcuts.feature_group(nm) == g] for g in shortcuts.FEATURE_GROUPS}
     groups["all"] = list(range(len(names)))
-    h, w = ds.source[int(used[0])]["image"].shape[:2]
-    edges = shortcuts.spectrum_band_edges(h, w)
+    h, w = first_shape[:2]
+    edges = volume_band_edges(first_shape[:3]) if is_volume else shortcuts.spectrum_band_edges(h, w)
 
     cv_folds, k_used, fold_notes = patient_folds(patients, y, folds, seed)
     notes += fold_notes
@@ -399,7 +459,9 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
 
     blind: dict[str, Any] | None = None
     fig_maps = None
-    if ds.has_masks:
+    if ds.has_masks and is_volume:
+        notes.append("volumes: class-blind maps are 2D only and were not scored")
+    elif ds.has_masks:
         map_idx = np.arange(n, dtype=np.int64) if map_split == "all" else np.asarray(splits[map_split], np.int64)
         blind, fig_maps = _blind_maps(ds, map_idx, valid, score_valid, max_map_images, seed, progress)
         blind["split"] = map_split
@@ -413,7 +475,7 @@ def audit_dataset(ds: Any, out_dir: str, *, folds: int = 8, seed: int = 0, split
         "n_patients": int(len(np.unique(patients))),
         "class_counts": {c: int((y == i).sum()) for i, c in enumerate(class_names)},
         "class_patients": {c: int(len(np.unique(patients[y == i]))) for i, c in enumerate(class_names)},
-        "image_size": [int(h), int(w)], "fov": fov,
+        "image_size": [int(s) for s in first_shape[:len(first_shape) - 1]], "fov": fov,
         "features": list(names), "feature_groups": {g: [names[i] for i in ix] for g, ix in groups.items() if g != "all"},
         "spectrum_band_edges": [float(e) for e in edges],
         "cv": {"k": k_used, "k_requested": int(folds), "seed": seed, "n_boot": n_boot,
@@ -487,7 +549,8 @@ def format_audit(report: Mapping[str, Any], top: int = 10) -> str:
     lines += ["", "## Data", "",
               f"- frames: {r['n_frames']} ({r['n_used']} used"
               + (f"; {r['n_nondiagnostic_dropped']} non-diagnostic dropped" if r["n_nondiagnostic_dropped"] is not None
-                 else "") + f"), {r['n_patients']} patients, {r['image_size'][0]}x{r['image_size'][1]} px",
+                 else "") + f"), {r['n_patients']} patients, {'x'.join(str(s) for s in r['image_size'])} "
+              + ("voxels" if len(r["image_size"]) == 3 else "px"),
               f"- classes: {classes}",
               f"- field of view: {r['fov']['description']}",
               f"- cross-validation: patient-wise stratified {r['cv']['k']}-fold (seed {r['cv']['seed']}; no patient "
