@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lclsc_jax import models
+from lclsc_jax.interop import monai3d
 from lclsc_jax.interop.torch_reference import RESNET_LAYERS, require_torch, torch_resnet
 from lclsc_jax.interop.weights import head_keys, load_torch_model, model_config_from_state_dict, read_state_dict
 
@@ -67,14 +68,14 @@ def tensor_diff(name: str, got: np.ndarray, ref: np.ndarray, tol: float) -> Tens
 
 
 def compare_outputs(jax_out: Mapping[str, Any], torch_out: Mapping[str, Any], arch: str, tol: float) -> VerifyReport:
-    """Diff every stage (torch NCHW -> NHWC), pooled, logits and embedding present in both.
+    """Diff every stage (torch NCHW -> NHWC, NCDHW -> NDHWC), pooled, logits and embedding present in both.
 
     The reference has ``embedding`` only with a projection head, so a plain classifier's
     (``embedding`` = ``pooled``) is not compared twice.
     """
     diffs = []
     for stage, ref in torch_out["features"].items():
-        ref = np.transpose(np.asarray(ref), (0, 2, 3, 1))
+        ref = np.moveaxis(np.asarray(ref), 1, -1)
         diffs.append(tensor_diff(f"features/{stage}", np.asarray(jax_out["features"][stage]), ref, tol))
     for key in ("pooled", "logits", "embedding"):
         if key in torch_out and key in jax_out:
@@ -95,9 +96,15 @@ def verify(
 
     ``arch``: a ResNet (against the project's torchvision-equivalent reference) or any registry
     backbone (against timm, or the spec's torch module for LeNet-5 / AlexNet). ``in_channels``
-    defaults to the weights' (the first layer's); a different value is an error. Both sides are the model the file fills (``load_torch_model``): with ``fc`` only, a
-    plain classifier (no projection head is added). Matmuls/convs run at full float32 precision.
+    defaults to the weights' (the first layer's); a different value is an error. Both sides are the
+    model the file fills (``load_torch_model``): with ``fc`` only, a plain classifier (no projection
+    head is added). Matmuls/convs run at full float32 precision.
+    3D ResNets (``resnet18_3d``, ``resnet34_3d``): MONAI-layout weights against MONAI's model on a
+    (B, C, S, S, S) volume batch (:func:`verify_monai`).
     """
+    if arch in monai3d.MONAI_ARCHS:
+        return verify_monai(arch, weights_path, in_channels=in_channels, image_size=image_size,
+                            batch_size=batch_size, tol=tol, seed=seed)
     if arch not in RESNET_LAYERS and arch not in models.BACKBONES:
         raise ValueError(
             f"verify supports {(*RESNET_LAYERS, *models.BACKBONES)} (a PyTorch reference exists), got {arch!r}"
@@ -124,6 +131,29 @@ def verify(
     else:
         torch_out = _registry_reference(torch, sd, arch, cfg, x_nchw)
     return compare_outputs(jax_out, torch_out, arch, tol)
+
+
+def verify_monai(
+    arch: str = "resnet18_3d",
+    weights: str | Path | Mapping[str, Any] | None = None,
+    *,
+    in_channels: int | None = None,
+    num_classes: int = 2,
+    image_size: int = 32,
+    batch_size: int = 2,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> VerifyReport:
+    """Parity of a MONAI 3D ResNet (``resnet18_3d``/``resnet34_3d``) run in MONAI and imported here.
+
+    ``weights``: a MONAI state_dict or file (built with ``conv1_t_stride=2``), or ``None`` for a
+    random MONAI model with randomised BN statistics (``in_channels`` default 1, ``num_classes``).
+    One random (B, C, S, S, S) batch, ``S = image_size``; every stage, ``pooled`` and ``logits``
+    are compared (relative tolerance ``tol``; ``max_abs`` is reported too).
+    """
+    ours, ref = monai3d.monai_parity_outputs(arch, weights, in_channels=in_channels, num_classes=num_classes,
+                                             image_size=image_size, batch_size=batch_size, seed=seed)
+    return compare_outputs(ours, ref, arch, tol)
 
 
 def _resnet_reference(torch: Any, sd: Mapping[str, np.ndarray], arch: str, cfg: dict, x: Any) -> dict[str, Any]:

@@ -151,18 +151,22 @@ def torch_key(collection: str, path: tuple[str, ...], arch: str | None = None) -
 
 
 def flax_to_torch_layout(x: np.ndarray) -> np.ndarray:
-    """Conv HWIO -> OIHW, Dense (in, out) -> (out, in); vectors unchanged."""
+    """Conv HWIO -> OIHW (3D: DHWIO -> OIDHW), Dense (in, out) -> (out, in); vectors unchanged."""
     if x.ndim == 4:
         return np.ascontiguousarray(np.transpose(x, (3, 2, 0, 1)))
+    if x.ndim == 5:
+        return np.ascontiguousarray(np.transpose(x, (4, 3, 0, 1, 2)))
     if x.ndim == 2:
         return np.ascontiguousarray(x.T)
     return np.asarray(x)
 
 
 def torch_to_flax_layout(x: np.ndarray) -> np.ndarray:
-    """Conv OIHW -> HWIO, Linear (out, in) -> (in, out); vectors unchanged."""
+    """Conv OIHW -> HWIO (3D: OIDHW -> DHWIO), Linear (out, in) -> (in, out); vectors unchanged."""
     if x.ndim == 4:
         return np.ascontiguousarray(np.transpose(x, (2, 3, 1, 0)))
+    if x.ndim == 5:
+        return np.ascontiguousarray(np.transpose(x, (2, 3, 4, 1, 0)))
     if x.ndim == 2:
         return np.ascontiguousarray(x.T)
     return np.asarray(x)
@@ -172,6 +176,8 @@ def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of a Flax leaf once in torch layout."""
     if len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 5:
+        return (shape[4], shape[3], shape[0], shape[1], shape[2])
     if len(shape) == 2:
         return (shape[1], shape[0])
     return tuple(shape)
@@ -276,7 +282,7 @@ def _first_conv_key(arch: str) -> str:
     spec = _backbone(arch)
     if spec:
         return spec.first_key
-    return "stem_conv.weight" if arch == "tiny" else "conv1.weight"
+    return "stem_conv.weight" if models.arch_spec(arch).kind == "tiny" else "conv1.weight"
 
 
 def _in_group(key: str, prefix: str) -> bool:

@@ -38,6 +38,7 @@ from lclsc_jax.method.transforms import (
     dihedral,
     dihedral_batch,
     dihedral_np,
+    transform_axes,
 )
 
 __all__ = [
@@ -71,4 +72,5 @@ __all__ = [
     "sc_logits",
     "supervised_contrastive_loss",
     "tk_mmp",
+    "transform_axes",
 ]

@@ -1,10 +1,15 @@
 """Saliency consistency (SC): class saliency maps, TK-MMP pooling and the SC loss.
 
+Volumes. Every function takes 2D maps ``(B, h, w, ...)`` or 3D (voxel) maps ``(B, d, h, w, ...)``
+alike (local embeddings ``(B, *spatial, D)``, maps ``(B, *spatial, C)``, masks ``spatial`` or
+``(B, *spatial)``); the D4 transforms of the equivariance term act on the last two spatial axes
+(the axial plane of a volume: flips and quarter turns of every slice).
+
 Masks. pCLE frames have a circular field of view; ``mask`` (``(h, w)`` or ``(B, h, w)``, bool
-or {0, 1}) marks the valid locations. Invalid locations never enter either pool. With ``n``
-valid locations in a sample, a pool of size ``k`` averages the ``min(k, n)`` most extreme
-valid values (so a mask leaving fewer than ``k`` valid locations gives the mean of those);
-a sample with no valid location pools to 0.
+or {0, 1}; ``(d, h, w)`` or ``(B, d, h, w)`` for volumes) marks the valid locations. Invalid
+locations never enter either pool. With ``n`` valid locations in a sample, a pool of size ``k``
+averages the ``min(k, n)`` most extreme valid values (so a mask leaving fewer than ``k`` valid
+locations gives the mean of those); a sample with no valid location pools to 0.
 
 Settings. ``k_max``, ``k_min`` (fractions in ``(0, 1]`` of the map's locations) and ``alpha``
 have no defaults here: ``train.config.LossConfig`` is their single source (``k = 0.1``,
@@ -13,6 +18,7 @@ have no defaults here: ``train.config.LossConfig`` is their single source (``k =
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import chex
@@ -29,7 +35,7 @@ from lclsc_jax.method.common import (
     normalize,
 )
 from lclsc_jax.method.losses import cross_entropy_loss
-from lclsc_jax.method.transforms import NUM_DIHEDRAL, dihedral
+from lclsc_jax.method.transforms import NUM_DIHEDRAL, dihedral, transform_axes
 
 Transform = Callable[[jax.Array], jax.Array] | jax.Array
 
@@ -37,9 +43,10 @@ Transform = Callable[[jax.Array], jax.Array] | jax.Array
 def class_saliency_maps(local_z: jax.Array, global_emb: jax.Array) -> jax.Array:
     """Cosine of each location of ``local_z (B, h, w, D)`` with each ``G_c (C, D)``: ``(B, h, w, C)``.
 
-    ``G`` is treated as a constant (stop-gradient), as everywhere in the method.
+    Volumes: ``(B, d, h, w, D) -> (B, d, h, w, C)``. ``G`` is treated as a constant (stop-gradient),
+    as everywhere in the method.
     """
-    chex.assert_rank([local_z, global_emb], [4, 2])
+    chex.assert_rank([local_z, global_emb], [{4, 5}, 2])
     return cosine_similarity(local_z, jax.lax.stop_gradient(global_emb))
 
 
@@ -50,13 +57,15 @@ def decomposed_saliency_maps(local_z: jax.Array, z: jax.Array, global_emb: jax.A
     of the pooled features. With a linear projection head (``model.projection_layers=1``) and
     global average pooling, ``z = mean_u local_z(u)``, so ``mean_u maps_c(u) = cos(z, G_c)``
     exactly: the map decomposes the classifier's decision instead of explaining an auxiliary
-    branch (:func:`class_saliency_maps`). ``G`` is a constant (stop-gradient).
+    branch (:func:`class_saliency_maps`). ``G`` is a constant (stop-gradient). Volumes:
+    ``local_z (B, d, h, w, D) -> (B, d, h, w, C)``.
     """
-    chex.assert_rank([local_z, z, global_emb], [4, 2, 2])
+    chex.assert_rank([local_z, z, global_emb], [{4, 5}, 2, 2])
     g = normalize(jax.lax.stop_gradient(global_emb))
     ct = compute_dtype(local_z, z)
-    dots = jnp.einsum("bhwd,cd->bhwc", local_z.astype(ct), g.astype(ct), precision=PRECISION)
-    return dots * inv_norm(z.astype(ct), -1, 1e-6)[:, None, None, :]
+    dots = jnp.einsum("b...d,cd->b...c", local_z.astype(ct), g.astype(ct), precision=PRECISION)
+    inv = inv_norm(z.astype(ct), -1, 1e-6)  # (B, 1)
+    return dots * inv.reshape((inv.shape[0],) + (1,) * (local_z.ndim - 2) + (1,))
 
 
 def prediction_consistency_loss(sc_logits: jax.Array, gei_logits: jax.Array) -> jax.Array:
@@ -90,20 +99,21 @@ def resolve_k(k: float, n: int, name: str = "k") -> int:
     return max(1, min(n, int(k * n + 0.5)))
 
 
-def _batch_mask(mask: jax.Array, batch: int, h: int, w: int) -> jax.Array:
-    """Validity mask ``(h, w)`` or ``(B, h, w)`` (bool or {0, 1}) as bool ``(B, h, w)``."""
-    if mask.shape not in ((h, w), (batch, h, w)):
-        raise ValueError(f"mask must have shape ({h}, {w}) or ({batch}, {h}, {w}), got {mask.shape}")
-    return jnp.broadcast_to(mask.astype(bool), (batch, h, w))
+def _batch_mask(mask: jax.Array, batch: int, *spatial: int) -> jax.Array:
+    """Validity mask ``spatial`` or ``(B, *spatial)`` (bool or {0, 1}) as bool ``(B, *spatial)``."""
+    spatial = tuple(spatial)
+    if tuple(mask.shape) not in (spatial, (batch, *spatial)):
+        raise ValueError(f"mask must have shape {spatial} or {(batch, *spatial)}, got {mask.shape}")
+    return jnp.broadcast_to(mask.astype(bool), (batch, *spatial))
 
 
-def _flat_mask(mask: jax.Array | None, batch: int, h: int, w: int) -> jax.Array | None:
-    """Validity mask ``(h, w)`` or ``(B, h, w)`` as bool ``(B, 1, h*w)`` (``None`` stays None)."""
+def _flat_mask(mask: jax.Array | None, batch: int, *spatial: int) -> jax.Array | None:
+    """Validity mask ``spatial`` or ``(B, *spatial)`` as bool ``(B, 1, prod(spatial))`` (``None`` stays None)."""
     if mask is None:
         return None
     # Merge, then add the axis: a single reshape that also inserts it is rejected by
     # Explicit-mode sharding when the batch axis is sharded.
-    return _batch_mask(mask, batch, h, w).reshape(batch, h * w)[:, None, :]
+    return _batch_mask(mask, batch, *spatial).reshape(batch, math.prod(spatial))[:, None, :]
 
 
 def _top_mean(x: jax.Array, k: int, valid: jax.Array | None) -> jax.Array:
@@ -124,20 +134,21 @@ def tk_mmp(
     alpha: float,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Top-K max-min pooling of ``maps (B, h, w, C)`` over space: ``(B, C)`` f32.
+    """Top-K max-min pooling of ``maps (B, h, w, C)`` (or voxels ``(B, d, h, w, C)``) over space: ``(B, C)`` f32.
 
     ``s_c = mean(k_max largest of S_c) + alpha * mean(k_min smallest of S_c)``; ``k`` is a
-    fraction of ``h*w`` (see :func:`resolve_k`). ``mask (h, w) | (B, h, w)``
-    excludes locations from both pools (see the module docstring for the rule).
+    fraction of the ``n = h*w`` (``d*h*w``) locations (see :func:`resolve_k`).
+    ``mask (h, w) | (B, h, w)`` (``(d, h, w) | (B, d, h, w)``) excludes locations from both
+    pools (see the module docstring for the rule).
     """
-    chex.assert_rank(maps, 4)
+    chex.assert_rank(maps, {4, 5})
     chex.assert_type(maps, float)
-    batch, h, w, num_classes = maps.shape
-    n = h * w
+    batch, *spatial, num_classes = maps.shape
+    n = math.prod(spatial)
     kx, kn = resolve_k(k_max, n, "k_max"), resolve_k(k_min, n, "k_min")
     x = maps.astype(compute_dtype(maps)).reshape(batch, n, num_classes)
     x = jnp.swapaxes(x, 1, 2)  # (B, C, n): top_k works on the last axis
-    valid = _flat_mask(mask, batch, h, w)
+    valid = _flat_mask(mask, batch, *spatial)
     top = _top_mean(x, kx, valid)
     bottom = -_top_mean(-x, kn, valid)
     return top + alpha * bottom
@@ -151,13 +162,17 @@ def sc_logits(
     tau: float = 0.1,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Saliency-consistency logits ``tk_mmp(maps) / tau``: ``(B, h, w, C) -> (B, C)`` f32."""
+    """Saliency-consistency logits ``tk_mmp(maps) / tau``: ``(B, h, w, C)`` or ``(B, d, h, w, C) -> (B, C)`` f32."""
     check_positive("tau", tau)
     return tk_mmp(maps, k_max, k_min, alpha, mask) / tau
 
 
 def apply_transform(x: jax.Array, transform: Transform) -> jax.Array:
-    """Apply ``transform`` (callable, or int D4 indices ``(B,)``) to a batch ``x (B, h, w, ...)``."""
+    """Apply ``transform`` (callable, or int D4 indices ``(B,)``) to ``x (B, h, w, ...)`` or ``(B, d, h, w, C)``.
+
+    D4 indices turn the axes of :func:`transform_axes`: for volumes the axial plane ``(h, w)``
+    of every slice.
+    """
     if callable(transform):
         return transform(x)
     t = jnp.asarray(transform)
@@ -166,8 +181,9 @@ def apply_transform(x: jax.Array, transform: Transform) -> jax.Array:
             f"transform must be a callable or int D4 indices of shape ({x.shape[0]},), "
             f"got {t.dtype} {t.shape}"
         )
-    if x.shape[1] != x.shape[2]:
-        raise ValueError(f"D4 indices need square maps, got h, w = {x.shape[1]}, {x.shape[2]}")
+    a, b = transform_axes(x)
+    if x.shape[a] != x.shape[b]:
+        raise ValueError(f"D4 indices need square maps, got h, w = {x.shape[a]}, {x.shape[b]}")
     return _dihedral_select(x, t)
 
 
@@ -176,11 +192,13 @@ def _dihedral_select(x: jax.Array, t: jax.Array) -> jax.Array:
 
     ``vmap`` of ``lax.switch`` lowers to the same selects, but needs every batched input to
     share one batch sharding under Explicit mesh axes; plain ``where`` broadcasting does not.
+    Volumes ``(B, d, h, h, C)``: the transforms act on ``(h, h)`` (:func:`transform_axes`).
     """
     t = t.reshape((-1,) + (1,) * (x.ndim - 1)) % NUM_DIHEDRAL
+    axes = transform_axes(x)
     out = x
     for k in range(1, NUM_DIHEDRAL):
-        out = jnp.where(t == k, dihedral(x, k, axes=(1, 2)), out)
+        out = jnp.where(t == k, dihedral(x, k, axes=axes), out)
     return out
 
 
@@ -194,8 +212,9 @@ def equivariance_loss(
 
     ``maps = S(x)``, ``maps_transformed = S(Tx)``; the valid locations are ``T(mask)``, so a
     callable ``transform`` must be channel-agnostic (it also sees the ``(B, h, w, 1)`` mask).
+    Volumes: ``(B, d, h, w, C)`` maps, ``(d, h, w) | (B, d, h, w)`` mask.
     """
-    chex.assert_rank([maps, maps_transformed], 4)
+    chex.assert_rank([maps, maps_transformed], {4, 5})
     ct = compute_dtype(maps, maps_transformed)
     target = apply_transform(maps.astype(ct), transform)
     if target.shape != maps_transformed.shape:
@@ -206,8 +225,8 @@ def equivariance_loss(
     sq = jnp.square(maps_transformed.astype(ct) - target)
     if mask is None:
         return jnp.mean(sq)
-    batch, h, w, num_classes = maps.shape
-    valid = _batch_mask(mask, batch, h, w)[..., None].astype(ct)  # (B, h, w, 1)
+    batch, *spatial, num_classes = maps.shape
+    valid = _batch_mask(mask, batch, *spatial)[..., None].astype(ct)  # (B, *spatial, 1)
     m = apply_transform(valid, transform) > 0.5
     total = jnp.sum(jnp.where(m, sq, 0.0))
     return total / jnp.maximum(jnp.sum(m).astype(ct) * num_classes, 1.0)
@@ -228,11 +247,11 @@ def saliency_consistency_loss(
 ) -> jax.Array:
     """``L_SC = CE(softmax(tk_mmp(S)/tau), y) + w_eq * mean (S(Tx) - T S(x))**2``: f32 scalar.
 
-    ``maps (B, h, w, C)`` = S(x), ``labels (B,)``; the equivariance term is added only when
+    ``maps (B, h, w, C)`` (or ``(B, d, h, w, C)``) = S(x), ``labels (B,)``; the equivariance term is added only when
     ``maps_transformed`` (= S(Tx), same shape) is given, and then ``transform`` (a callable on
     ``(B, h, w, C)`` maps, or int D4 indices ``(B,)``) is required.
     """
-    chex.assert_rank(maps, 4)
+    chex.assert_rank(maps, {4, 5})
     check_labels(labels, maps.shape[0])
     loss = cross_entropy_loss(sc_logits(maps, k_max, k_min, alpha, tau, mask), labels)
     if maps_transformed is None:

@@ -4,6 +4,8 @@ pCLE frames have no canonical orientation, so the eight rotations/flips of the s
 the natural transforms. Index convention, shared by the data pipeline (NumPy) and the
 losses (JAX): ``t in 0..7``; rotate by ``t % 4`` quarter turns (``rot90`` on the two
 spatial axes, counter-clockwise), then, if ``t >= 4``, flip the width axis.
+Volumes (``(B, D, H, W, C)`` batches): the transforms act on the axial plane ``(H, W)`` of every
+slice (:func:`transform_axes`), the depth axis stays in place.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def dihedral(x: jax.Array, t: jax.Array | int, axes: tuple[int, int] = (0, 1)) -
     return jax.lax.switch(jnp.asarray(t, jnp.int32) % NUM_DIHEDRAL, branches, x)
 
 
+def transform_axes(x: jax.Array | np.ndarray) -> tuple[int, int]:
+    """The two axes D4 turns in a channels-last batch: ``(1, 2)`` for ``(B, H, W, C)`` (and lower
+    ranks), the last two spatial axes ``(2, 3)`` for volumes ``(B, D, H, W, C)``."""
+    return (1, 2) if x.ndim <= 4 else (x.ndim - 3, x.ndim - 2)
+
+
 def dihedral_batch(x: jax.Array, t: jax.Array) -> jax.Array:
-    """Per-sample dihedral transforms of a batch ``x (B, H, W, ...)`` with ``t (B,)``; H == W."""
-    return jax.vmap(lambda xi, ti: dihedral(xi, ti, (0, 1)))(x, t)
+    """Per-sample dihedral transforms of ``x (B, H, W, ...)`` or volumes ``(B, D, H, W, C)`` with ``t (B,)``; H == W."""
+    a, b = transform_axes(x)
+    return jax.vmap(lambda xi, ti: dihedral(xi, ti, (a - 1, b - 1)))(x, t)

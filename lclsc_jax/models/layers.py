@@ -100,19 +100,26 @@ def conv(
     dtype: Dtype = jnp.float32,
     padding: str = "zeros",
     name: str | None = None,
+    ndim: int = 2,
 ) -> nn.Conv:
-    """A bias-free ``kernel x kernel`` conv with PyTorch padding ``kernel // 2``; NHWC in, NHWC out.
+    """A bias-free ``kernel^ndim`` conv with PyTorch padding ``kernel // 2``; channels-last in and out.
 
+    ``ndim=2``: (B, H, W, C) images, kernel (k, k, Cin, Cout); ``ndim=3``: (B, D, H, W, C) volumes,
+    kernel (k, k, k, Cin, Cout) (``torch.nn.Conv3d``, zeros padding only).
     ``padding``: what the padded border holds, as torch's ``padding_mode`` (:data:`PADDING_MODES`):
     ``"zeros"``, ``"reflect"`` (``jnp.pad(mode="reflect")``, the edge pixel not repeated),
     ``"replicate"`` or ``"circular"``. The variables are the same whatever the mode.
     """
+    if ndim not in (2, 3):
+        raise ValueError(f"conv supports 2 or 3 spatial dims, got ndim={ndim}")
+    if ndim == 3 and padding != "zeros":
+        raise ValueError(f"3D convolutions support padding='zeros' only, got {padding!r}")
     pad = kernel // 2
     return nn.Conv(
         features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
+        (kernel,) * ndim,
+        strides=(stride,) * ndim,
+        padding=((pad, pad),) * ndim,
         use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -138,13 +145,14 @@ def batch_norm(
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """torch ``MaxPool2d(3, stride=2, padding=1)`` (-inf padding): (B, H, W, C) -> (B, H', W', C)."""
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    """torch ``MaxPool2d/3d(3, stride=2, padding=1)`` (-inf padding): (B, *S, C) -> (B, *S', C), S 2 or 3 axes."""
+    nsp = x.ndim - 2
+    return nn.max_pool(x, (3,) * nsp, strides=(2,) * nsp, padding=((1, 1),) * nsp)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Spatial mean accumulated in float32: (B, h, w, c) -> (B, c) float32."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    """Mean over every spatial axis, accumulated in float32: (B, h, w, c) or (B, d, h, w, c) -> (B, c) float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)))
 
 
 class ProjectionHead(nn.Module):

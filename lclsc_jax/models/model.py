@@ -42,6 +42,7 @@ class ArchSpec:
     stage_strides: tuple[int, ...]
     blocks: tuple[int, ...] = ()  # ResNets: blocks per layer1..4
     bottleneck: bool = False
+    ndim: int = 2  # spatial dims of the input: 2 (B, H, W, C) images, 3 (B, D, H, W, C) volumes
 
 
 _RESNET_STAGES = ("stem", "stage1", "stage2", "stage3", "stage4")
@@ -55,6 +56,11 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         "resnet", _RESNET_STAGES, (64, 256, 512, 1024, 2048), _RESNET_STRIDES, (3, 4, 6, 3), True
     ),
     **{name: ArchSpec("backbone", b.stage_names, b.stage_channels, b.stage_strides) for name, b in BACKBONES.items()},
+    # 3D (volumes (B, D, H, W, C)): k^3 kernels, the same stages, heads and outputs. The ResNets are MONAI's
+    # ``resnet18/34(spatial_dims=3, conv1_t_stride=2, shortcut_type="B")`` layout (conv1 7^3 stride 2, max pool).
+    "tiny3d": ArchSpec("tiny", _RESNET_STAGES, (16, 32, 64, 128, 128), (1, 2, 4, 8, 8), ndim=3),
+    "resnet18_3d": ArchSpec("resnet", _RESNET_STAGES, (64, 64, 128, 256, 512), _RESNET_STRIDES, (2, 2, 2, 2), ndim=3),
+    "resnet34_3d": ArchSpec("resnet", _RESNET_STAGES, (64, 64, 128, 256, 512), _RESNET_STRIDES, (3, 4, 6, 3), ndim=3),
 }
 ARCHS: tuple[str, ...] = tuple(ARCH_SPECS)
 
@@ -88,6 +94,7 @@ class Model(nn.Module):
     ``__call__(images (B, H, W, C), train)`` and ``from_stage(feats, stage, train)`` both return
     ``{"features": {stage: (B, h, w, c)}, "pooled": (B, c), "embedding": (B, D),
     "local_embedding": (B, h, w, D), "logits": (B, num_classes)}`` (logits only for a linear head;
+    3D archs (``spatial_ndim == 3``): volumes (B, D, H, W, C) in, (B, d, h, w, ...) maps out;
     ``"aux_logits": (B, num_classes)`` in training where the backbone has an auxiliary classifier).
     With ``projection=False`` there is no ``head``: ``embedding`` is ``pooled`` and
     ``local_embedding`` the last feature map, both float32 (``D = c``).
@@ -112,6 +119,11 @@ class Model(nn.Module):
     def spec(self) -> ArchSpec:
         """The static :class:`ArchSpec` of ``self.arch``."""
         return arch_spec(self.arch)
+
+    @property
+    def spatial_ndim(self) -> int:
+        """Number of spatial axes of the input: 2 (images (B, H, W, C)) or 3 (volumes (B, D, H, W, C))."""
+        return self.spec.ndim
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -149,8 +161,9 @@ class Model(nn.Module):
         spec = self.spec
         if self.head_type not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head_type!r}")
+        nd = spec.ndim
         if spec.kind == "resnet":
-            self.conv1 = conv(64, 7, 2, dtype=self.dtype, padding=self.padding)
+            self.conv1 = conv(64, 7, 2, dtype=self.dtype, padding=self.padding, ndim=nd)
             self.bn1 = batch_norm(dtype=self.dtype)
             block_cls = Bottleneck if spec.bottleneck else BasicBlock
             if self.remat:
@@ -168,6 +181,7 @@ class Model(nn.Module):
                         zero_init_residual=self.zero_init_residual,
                         dtype=self.dtype,
                         padding=self.padding,
+                        ndim=nd,
                     )
                     setattr(self, f"layer{i + 1}_{j}", block)
                     inplanes = out_ch
@@ -179,7 +193,7 @@ class Model(nn.Module):
             )
         else:
             for name, ch, s in zip(spec.stage_names, spec.stage_channels, _TINY_CONV_STRIDES):
-                setattr(self, f"{name}_conv", conv(ch, 3, s, dtype=self.dtype, padding=self.padding))
+                setattr(self, f"{name}_conv", conv(ch, 3, s, dtype=self.dtype, padding=self.padding, ndim=nd))
                 setattr(self, f"{name}_bn", batch_norm(dtype=self.dtype))
         if self.projection:
             hidden = self.head_hidden or self.pooled_channels
@@ -195,7 +209,7 @@ class Model(nn.Module):
 
     # ---- forward ----
     def _stage(self, name: str, x: jax.Array, train: bool) -> jax.Array:
-        """Run one named stage: (B, H, W, c_in) -> (B, h, w, c)."""
+        """Run one named stage: (B, H, W, c_in) -> (B, h, w, c) (3D: (B, D, H, W, c_in) -> (B, d, h, w, c))."""
         ra = not train
         if self.spec.kind == "backbone":
             return self.backbone.stage(name, x, train)
@@ -240,16 +254,18 @@ class Model(nn.Module):
         return out
 
     def __call__(self, images: jax.Array, train: bool = False) -> dict:
-        """Full forward of images (B, H, W, in_channels) -> output dict (see class docstring)."""
-        if images.ndim != 4 or images.shape[-1] != self.in_channels:
+        """Full forward of images (B, H, W, in_channels) (3D archs: volumes (B, D, H, W, in_channels)) -> dict."""
+        if images.ndim != self.spatial_ndim + 2 or images.shape[-1] != self.in_channels:
+            what = "volumes of shape (B, D, H, W" if self.spatial_ndim == 3 else "images of shape (B, H, W"
             raise ValueError(
-                f"{self.arch}: expected images of shape (B, H, W, {self.in_channels}), "
-                f"got {tuple(images.shape)} (set in_channels= in models.create to change C)"
+                f"{self.arch}: expected {what}, {self.in_channels}), "
+                f"got {tuple(images.shape)} (set in_channels= in models.create to change C"
+                + ("; a 3D arch takes 5D volume batches)" if self.spatial_ndim == 3 else ")")
             )
         return self._run(images.astype(self.dtype), 0, {}, train)
 
     def from_stage(self, feats: jax.Array, stage: str, train: bool = False) -> dict:
-        """Resume the forward after ``stage`` given its output feats (B, h, w, c); same dict.
+        """Resume the forward after ``stage`` given its output feats (B, h, w, c) (3D: (B, d, h, w, c)); same dict.
 
         ``stage="input"`` means ``feats`` are images (identical to ``__call__``); for
         ``stage == last_stage`` only pooling and the heads are re-run. ``"features"`` holds the
@@ -262,9 +278,10 @@ class Model(nn.Module):
                 f"unknown stage {stage!r} for {self.arch}; expected 'input' or one of {self.stage_names}"
             )
         expected_c = self.stage_channels[stage]
-        if feats.ndim != 4 or feats.shape[-1] != expected_c:
+        if feats.ndim != self.spatial_ndim + 2 or feats.shape[-1] != expected_c:
+            axes = "B, d, h, w" if self.spatial_ndim == 3 else "B, h, w"
             raise ValueError(
-                f"{self.arch}: output of {stage!r} must have shape (B, h, w, {expected_c}), "
+                f"{self.arch}: output of {stage!r} must have shape ({axes}, {expected_c}), "
                 f"got {tuple(feats.shape)}"
             )
         idx = self.stage_names.index(stage)
@@ -293,6 +310,7 @@ def create(
     same variables whatever the mode (ResNets' max pool keeps its -inf padding).
     ``drop_path_rate``: stochastic depth of the registry backbones in training (timm's
     ``drop_path_rate``; the ``"dropout"`` rng of ``apply`` draws it).
+    3D archs (``tiny3d``, ``resnet18_3d``, ``resnet34_3d``) take volumes (B, D, H, W, C), zeros padding only.
     """
     arch_spec(arch)
     if head not in HEADS:
@@ -302,6 +320,8 @@ def create(
     if unknown:
         raise TypeError(f"models.create got unknown kwargs {sorted(unknown)}; allowed: {sorted(allowed)}")
     check_padding(kwargs.get("padding", "zeros"))
+    if arch_spec(arch).ndim == 3 and kwargs.get("padding", "zeros") != "zeros":
+        raise ValueError(f"3D arch {arch!r} supports padding='zeros' only, got {kwargs['padding']!r}")
     if arch in BACKBONES and kwargs.get("padding", "zeros") != "zeros":
         raise ValueError(f"padding modes other than 'zeros' exist for tiny and the ResNets, not {arch!r}")
     if arch in BACKBONES and kwargs.get("zero_init_residual"):

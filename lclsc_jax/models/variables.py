@@ -59,12 +59,12 @@ def variable_shapes(variables: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _default_input_shape(model: Any) -> tuple[int, ...]:
-    """(1, S, S, C) with S = 32, or the registry backbone's minimum image size if larger."""
+    """(1, S, S, C) with S = 32, or the registry backbone's minimum image size if larger; 3D archs (1, S, S, S, C)."""
     from lclsc_jax.models.backbones import REGISTRY
 
     spec = REGISTRY.get(getattr(model, "arch", None))
     size = max(32, spec.min_image_size) if spec else 32
-    return (1, size, size, int(getattr(model, "in_channels", 3)))
+    return (1, *(size,) * int(getattr(model, "spatial_ndim", 2)), int(getattr(model, "in_channels", 3)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,7 +1,10 @@
 """Pure train and eval steps, and their sharded ``jax.jit`` wrappers.
 
 The losses see the *global* batch (arrays are global ``jax.Array`` s sharded over the ``data``
-axis), so every number is independent of the device and process count.
+axis), so every number is independent of the device and process count. Batches are images
+``(B, H, W, C)`` or, with a 3D arch, volumes ``(B, D, H, W, C)``: the same steps, the equivariance
+view turns every slice's axial plane (``method.transform_axes``), and ``loss.fov_mask`` (pCLE's
+circular field of view) applies to 2D frames only.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ def _compute_dtype(cfg: Config) -> jnp.dtype:
 
 
 def sc_maps(cfg: Config, out: dict[str, jax.Array], global_emb: jax.Array) -> jax.Array:
-    """The run's class saliency maps ``(B, h, w, C)`` from a model output: ``loss.sc_maps`` decides which.
+    """The run's class saliency maps ``(B, h, w, C)`` (volumes ``(B, d, h, w, C)``) from a model output.
 
-    ``cosine``: ``cos(g(F(u)), G_c)`` (the paper's maps); ``decomposed``: maps whose mean is the
-    GEI cosine (``method.decomposed_saliency_maps``; exact with ``model.projection_layers=1``).
+    ``loss.sc_maps`` decides which. ``cosine``: ``cos(g(F(u)), G_c)`` (the paper's maps);
+    ``decomposed``: maps whose mean is the GEI cosine (``method.decomposed_saliency_maps``; exact
+    with ``model.projection_layers=1``).
     """
     g = jax.lax.stop_gradient(global_emb)
     if cfg.loss.sc_maps == "decomposed":
@@ -45,7 +49,8 @@ def _sc_terms(cfg: Config, out: dict[str, jax.Array], out_t: dict[str, jax.Array
     """Saliency-consistency loss: TK-MMP cross-entropy on all views plus the equivariance MSE; and the SC logits."""
     loss_cfg = cfg.loss
     maps = sc_maps(cfg, out, global_emb)
-    mask = inscribed_disc(*maps.shape[1:3]) if loss_cfg.fov_mask else None  # feature cells in the disc
+    # Feature cells in pCLE's disc; volumes (B, d, h, w, C) have no circular field of view.
+    mask = inscribed_disc(*maps.shape[1:3]) if loss_cfg.fov_mask and maps.ndim == 4 else None
     kw = dict(tau=loss_cfg.tau, k_max=float(loss_cfg.k_max), k_min=float(loss_cfg.k_min), alpha=loss_cfg.alpha)
     if out_t is None:
         ce = method.saliency_consistency_loss(maps, labels, mask=mask, **kw)
