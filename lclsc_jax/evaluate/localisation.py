@@ -2,7 +2,18 @@
 
 Saliency maps ``(N, H, W)`` in ``[0, 1]`` are compared with binary masks ``(N, H, W)``
 of the discriminative region. An optional ``valid`` mask (``(H, W)`` or ``(N, H, W)``;
-pCLE's circular field of view) restricts every computation to valid pixels.
+pCLE's circular field of view) restricts every computation to valid pixels. Every function
+also takes volumes: maps and masks ``(N, D, H, W)`` (one map ``(D, H, W)``), ``valid``
+``(D, H, W)`` or ``(N, D, H, W)``; "pixels" are then voxels, raster order is C order over
+``(D, H, W)``, connected components are 26-connected and boxes are 3D.
+
+``hausdorff95`` is MONAI's ``compute_hausdorff_distance(..., percentile=95)``: the surface of
+a mask is its voxels removed by a binary erosion (``scipy.ndimage.binary_erosion``, cross
+structuring element, zero border), the directed distances from each surface voxel of one mask
+to the nearest surface voxel of the other are taken (Euclidean, in ``spacing`` units), and the
+result is the larger of the two directed 95th percentiles (linear interpolation). When either
+mask is empty the distance is undefined and ``hausdorff95`` returns NaN (MONAI: NaN when both
+are empty, inf when one is); batch means skip NaN and report how many frames were defined.
 
 Conventions (see ``docs/evaluate.md``): a fixed threshold ``t`` keeps ``map >= t``;
 Otsu keeps ``map > t_otsu`` (scikit-image's convention), with ``t_otsu`` computed by
@@ -28,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import binary_erosion, distance_transform_edt
 from skimage.filters import threshold_otsu
 from skimage.measure import label as cc_label
 
@@ -40,6 +52,7 @@ __all__ = [
     "class_specificity",
     "dice",
     "energy_pointing_game",
+    "hausdorff95",
     "iou",
     "localisation_metrics",
     "normalize_maps",
@@ -58,13 +71,25 @@ _RANGE_ATOL = 1e-4
 
 
 def _as_valid(valid: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """Broadcast ``valid`` (None, (H, W) or (N, H, W)) to a bool array of ``shape``."""
+    """Broadcast ``valid`` (None, or the trailing axes of ``shape``) to a bool array of ``shape``."""
     if valid is None:
         return np.ones(shape, dtype=bool)
     v = np.asarray(valid)
-    if v.shape != shape[-2:] and v.shape != shape:
-        raise ValueError(f"valid must have shape {shape[-2:]} or {shape}, got {v.shape}")
+    if v.ndim < 2 or v.ndim > len(shape) or v.shape != shape[len(shape) - v.ndim:]:
+        raise ValueError(f"valid must have shape {shape[-2:]}, {shape[1:]} or {shape}, got {v.shape}")
     return np.broadcast_to(v.astype(bool), shape)
+
+
+def _check_single(s: np.ndarray, fn: str) -> None:
+    """``ValueError`` unless ``s`` is one map ``(H, W)`` or one volume ``(D, H, W)``."""
+    if s.ndim not in (2, 3):
+        raise ValueError(f"{fn} takes one map (H, W) or volume (D, H, W), got {s.shape}")
+
+
+def _check_batch(s: np.ndarray, name: str = "maps") -> None:
+    """``ValueError`` unless ``s`` is a batch of maps ``(N, H, W)`` or volumes ``(N, D, H, W)``."""
+    if s.ndim not in (3, 4):
+        raise ValueError(f"{name} must have shape (N, H, W) or (N, D, H, W), got {s.shape}")
 
 
 def _check_map(saliency: Any, name: str = "saliency") -> np.ndarray:
@@ -91,13 +116,13 @@ def _check_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.nda
 
 
 def normalize_maps(maps: Any, valid: Any = None) -> np.ndarray:
-    """Min-max rescale each map of ``maps (N, H, W)`` to [0, 1] over its valid pixels; flat maps -> 0."""
+    """Min-max rescale each map of ``maps (N, H, W)`` or ``(N, D, H, W)`` to [0, 1] over its valid pixels; flat -> 0."""
     m = np.asarray(maps, dtype=np.float64)
-    if m.ndim != 3:
-        raise ValueError(f"maps must have shape (N, H, W), got {m.shape}")
+    _check_batch(m)
     v = _as_valid(valid, m.shape)
-    lo = np.where(v, m, np.inf).min(axis=(1, 2), keepdims=True)
-    hi = np.where(v, m, -np.inf).max(axis=(1, 2), keepdims=True)
+    axes = tuple(range(1, m.ndim))
+    lo = np.where(v, m, np.inf).min(axis=axes, keepdims=True)
+    hi = np.where(v, m, -np.inf).max(axis=axes, keepdims=True)
     span = hi - lo
     out = np.where(span > 0, (m - lo) / np.where(span > 0, span, 1.0), 0.0)
     return np.where(v, np.clip(out, 0.0, 1.0), 0.0)
@@ -115,10 +140,9 @@ def binarize(saliency: Any, threshold: float, valid: Any = None) -> np.ndarray:
 
 
 def otsu_binarize(saliency: Any, valid: Any = None) -> np.ndarray:
-    """Boolean mask ``saliency (H, W) > t_otsu`` over the valid pixels (exact-value Otsu); empty if flat."""
+    """Boolean mask ``saliency (H, W) | (D, H, W) > t_otsu`` over the valid pixels (exact-value Otsu); empty if flat."""
     s = _check_map(saliency)
-    if s.ndim != 2:
-        raise ValueError(f"otsu_binarize takes one map (H, W), got {s.shape}")
+    _check_single(s, "otsu_binarize")
     v = _as_valid(valid, s.shape)
     vals = s[v]
     if vals.size == 0 or vals.max() == vals.min():
@@ -130,13 +154,12 @@ def otsu_binarize(saliency: Any, valid: Any = None) -> np.ndarray:
 
 
 def topk_binarize(saliency: Any, k: int, valid: Any = None) -> np.ndarray:
-    """Boolean mask of the ``k`` largest valid pixels of ``saliency (H, W)``; ties to the earlier pixel in raster order.
+    """Boolean mask of the ``k`` largest valid pixels of ``saliency (H, W) | (D, H, W)``; ties to raster order.
 
     Empty when ``k == 0`` or the map is flat over the valid pixels (it ranks nothing).
     """
     s = _check_map(saliency)
-    if s.ndim != 2:
-        raise ValueError(f"topk_binarize takes one map (H, W), got {s.shape}")
+    _check_single(s, "topk_binarize")
     v = _as_valid(valid, s.shape)
     flat_idx = np.flatnonzero(v)
     k = int(k)
@@ -152,14 +175,14 @@ def topk_binarize(saliency: Any, k: int, valid: Any = None) -> np.ndarray:
 
 
 def area_binarize(saliency: Any, gt: Any, valid: Any = None) -> np.ndarray:
-    """``topk_binarize`` of ``saliency (H, W)`` with ``k = |GT & valid|``: the map's prediction at the mask's area."""
+    """``topk_binarize`` of ``saliency (H, W) | (D, H, W)`` with ``k = |GT & valid|``: prediction at the mask's area."""
     s = np.asarray(saliency)
     g = _check_mask(gt, s.shape, "gt") & _as_valid(valid, s.shape)
     return topk_binarize(s, int(g.sum()), valid)
 
 
 def average_precision(saliency: Any, gt: Any, valid: Any = None) -> float | None:
-    """Average precision (PR-AUC) of the valid pixels of ``saliency (H, W)`` ranked against ``gt``; None if GT is empty.
+    """Average precision (PR-AUC) of the valid pixels of ``saliency (H, W) | (D, H, W)`` vs ``gt``; None if GT is empty.
 
     ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct map values as thresholds (the
     step-wise area of ``sklearn.metrics.average_precision_score``); a flat map scores the GT's
@@ -216,16 +239,15 @@ def pixel_recall(pred: Any, gt: Any) -> float:
     return 0.0 if g.sum() == 0 else float((p & g).sum() / g.sum())
 
 
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """Inclusive bounding box ``(r0, c0, r1, c1)`` of a non-empty boolean mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive bounding box ``(lo (ndim,), hi (ndim,))`` of a non-empty boolean mask."""
+    idx = np.argwhere(mask)
+    return idx.min(axis=0), idx.max(axis=0)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected component of a boolean mask (ties -> lowest label)."""
-    lab = cc_label(mask, connectivity=2)
+    """The largest fully connected (8 in 2D, 26 in 3D) component of a boolean mask (ties -> lowest label)."""
+    lab = cc_label(mask, connectivity=mask.ndim)
     if lab.max() == 0:
         return np.zeros_like(mask)
     sizes = np.bincount(lab.ravel())[1:]
@@ -233,17 +255,43 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def bbox_iou(pred: Any, gt: Any) -> float:
-    """IoU of the box around P's largest 8-connected component and the box of all GT pixels (H, W)."""
+    """IoU of the box around P's largest connected component and the box of all GT pixels, (H, W) or (D, H, W)."""
     p, g = _pair(pred, gt)
     if p.sum() == 0 or g.sum() == 0:
         return 0.0
-    a = _bbox(_largest_component(p))
-    b = _bbox(g)
-    ih = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    iw = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    inter = max(ih, 0) * max(iw, 0)
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return float(inter / (area(a) + area(b) - inter))
+    (a0, a1), (b0, b1) = _bbox(_largest_component(p)), _bbox(g)
+    inter = float(np.prod(np.maximum(np.minimum(a1, b1) - np.maximum(a0, b0) + 1, 0)))
+    vol_a, vol_b = float(np.prod(a1 - a0 + 1)), float(np.prod(b1 - b0 + 1))
+    return inter / (vol_a + vol_b - inter)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Surface voxels of a boolean mask: ``mask ^ binary_erosion(mask)`` (cross structure, zero border; as MONAI)."""
+    return mask ^ binary_erosion(mask, border_value=0)
+
+
+def hausdorff95(pred: Any, gt: Any, spacing: Sequence[float] | float | None = None, percentile: float = 95.0) -> float:
+    """95th-percentile symmetric Hausdorff distance of two masks ``(H, W)`` or ``(D, H, W)``; NaN if either is empty.
+
+    MONAI's ``compute_hausdorff_distance(percentile=95)``: ``max(q95(d(S_P -> S_G)), q95(d(S_G -> S_P)))``
+    over the surface voxels ``S`` (``mask ^ erosion(mask)``), distances Euclidean in ``spacing``
+    units (``(ndim,)`` or a scalar; default 1 per axis).
+    """
+    p, g = _pair(pred, gt)
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must lie in [0, 100], got {percentile}")
+    if not p.any() or not g.any():
+        return float("nan")
+    if spacing is None:
+        sampling = np.ones(p.ndim)
+    else:
+        sampling = np.broadcast_to(np.asarray(spacing, np.float64), (p.ndim,)).copy()
+        if not np.all(sampling > 0):
+            raise ValueError(f"spacing must be positive, got {spacing}")
+    sp, sg = _surface(p), _surface(g)
+    d_pg = distance_transform_edt(~sg, sampling=sampling)[sp]
+    d_gp = distance_transform_edt(~sp, sampling=sampling)[sg]
+    return float(max(np.percentile(d_pg, percentile), np.percentile(d_gp, percentile)))
 
 
 # -------------------------------------------------------------------- pointing games
@@ -254,7 +302,7 @@ POINTING_TIES: tuple[str, ...] = ("first", "any")
 
 
 def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = None, ties: str = "first") -> bool:
-    """Hit if the map's maximum (H, W) lies within ``tolerance`` px of a GT pixel (Zhang et al. 2018).
+    """Hit if the map's maximum (H, W) or (D, H, W) lies within ``tolerance`` px of a GT pixel (Zhang et al. 2018).
 
     Distances are Euclidean in pixels; an empty GT is a miss. ``ties``: with ``"first"`` (default)
     the maximum is the first maximal pixel in raster order (``argmax``) and a flat map (no maximum)
@@ -262,8 +310,7 @@ def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = N
     whenever the GT is not empty (Quantus' ``PointingGame``, whose flat maps score hits).
     """
     s = _check_map(saliency)
-    if s.ndim != 2:
-        raise ValueError(f"pointing_game takes one map (H, W), got {s.shape}")
+    _check_single(s, "pointing_game")
     g = _check_mask(gt, s.shape, "gt")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
@@ -274,8 +321,7 @@ def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = N
     if not g.any() or vals.size == 0 or (ties == "first" and vals.max() == vals.min()):
         return False
     if ties == "first":
-        r, c = np.unravel_index(int(np.argmax(np.where(v, s, -np.inf))), s.shape)
-        peaks = np.array([[r, c]])
+        peaks = np.array([np.unravel_index(int(np.argmax(np.where(v, s, -np.inf))), s.shape)])
     else:
         peaks = np.argwhere(v & (s == vals.max()))
     gt_px = np.argwhere(g)
@@ -284,7 +330,7 @@ def pointing_game(saliency: Any, gt: Any, tolerance: float = 0.0, valid: Any = N
 
 
 def energy_pointing_game(saliency: Any, gt: Any, valid: Any = None) -> float:
-    """Share of saliency mass inside the GT, ``sum(S * G) / sum(S)`` over valid pixels (H, W); 0 if no mass."""
+    """Share of saliency mass inside the GT, ``sum(S * G) / sum(S)`` over valid pixels (any shape); 0 if no mass."""
     s = _check_map(saliency)
     g = _check_mask(gt, s.shape, "gt")
     s = np.where(_as_valid(valid, s.shape), s, 0.0)
@@ -293,6 +339,18 @@ def energy_pointing_game(saliency: Any, gt: Any, valid: Any = None) -> float:
 
 
 # ------------------------------------------------------------------------- batch entry
+
+
+def _frame_spacings(spacing: Any, n: int, ndim: int) -> list[np.ndarray | None]:
+    """Per-frame spacing ``(ndim,)`` from None, a scalar, ``(ndim,)`` or ``(n, ndim)``."""
+    if spacing is None:
+        return [None] * n
+    sp = np.asarray(spacing, np.float64)
+    if sp.ndim == 2:
+        if sp.shape != (n, ndim):
+            raise ValueError(f"per-frame spacing must have shape ({n}, {ndim}), got {sp.shape}")
+        return list(sp)
+    return [np.broadcast_to(sp, (ndim,))] * n
 
 _OVERLAPS = {
     "dice": dice,
@@ -319,8 +377,10 @@ def localisation_metrics(
     return_per_image: bool = False,
     area: bool = True,
     pointing_ties: str = "first",
+    hd95: bool = False,
+    spacing: Sequence[float] | float | None = None,
 ) -> dict[str, Any]:
-    """Mean localisation scores of ``maps (N, H, W)`` in [0, 1] against ``masks (N, H, W)``.
+    """Mean localisation scores of ``maps (N, H, W)`` or ``(N, D, H, W)`` in [0, 1] against same-shaped ``masks``.
 
     Returns ``{"n_images", "n_empty_gt", "n_evaluated", "pointing_game",
     "energy_pointing_game", "pr_auc", "thresholds": {key: {dice, iou, precision, recall, bbox_iou}}}``
@@ -328,12 +388,15 @@ def localisation_metrics(
     ``"area"``: each map's top-k valid pixels with k the GT's area (``area_binarize``).
     ``pr_auc`` is the mean per-image average precision (``average_precision``). Images whose GT
     mask is empty (within ``valid``) are excluded from every mean and counted in
-    ``n_empty_gt``. ``pointing_ties``: ``pointing_game``'s ``ties``. With ``return_per_image`` a ``per_image`` entry holds the
-    per-image values (None for excluded images).
+    ``n_empty_gt``. ``pointing_ties``: ``pointing_game``'s ``ties``. With ``return_per_image`` a
+    ``per_image`` entry holds the per-image values (None for excluded images). ``hd95``: each
+    threshold's entry also holds ``hd95`` (``hausdorff95`` of the binarised map and the mask;
+    ``spacing``: a scalar, one value per spatial axis, or ``(N, ndim)`` per frame). Frames where
+    it is undefined (an empty binarised map) are skipped by the mean; ``n_hd95`` counts the
+    others, and the mean is None when no frame has one.
     """
     s = _check_map(maps, "maps")
-    if s.ndim != 3:
-        raise ValueError(f"maps must have shape (N, H, W), got {s.shape}")
+    _check_batch(s)
     if s.shape[0] == 0:
         raise ValueError("maps is empty: need at least one image")
     v = _as_valid(valid, s.shape)
@@ -347,6 +410,7 @@ def localisation_metrics(
 
     n = s.shape[0]
     keep = g.reshape(n, -1).any(axis=1)
+    spacings = _frame_spacings(spacing, n, s.ndim - 1) if hd95 else [None] * n
     per_image: dict[str, Any] = {
         "pointing_game": [pointing_game(s[i], g[i], tolerance, v[i], pointing_ties) if keep[i] else None
                           for i in range(n)],
@@ -363,6 +427,9 @@ def localisation_metrics(
         per_image["thresholds"][key] = {
             name: [fn(preds[i], g[i]) if keep[i] else None for i in range(n)] for name, fn in _OVERLAPS.items()
         }
+        if hd95:
+            vals = [hausdorff95(preds[i], g[i], spacings[i]) if keep[i] else None for i in range(n)]
+            per_image["thresholds"][key]["hd95"] = [None if v is None or np.isnan(v) else v for v in vals]
 
     out: dict[str, Any] = {
         "n_images": int(n),
@@ -375,10 +442,15 @@ def localisation_metrics(
         ),
         "pr_auc": _mean([x if x is not None else 0.0 for x in per_image["pr_auc"]], keep),
         "thresholds": {
-            key: {name: _mean([x or 0.0 for x in vals], keep) for name, vals in d.items()}
+            key: {name: _mean([x or 0.0 for x in vals], keep) for name, vals in d.items() if name != "hd95"}
             for key, d in per_image["thresholds"].items()
         },
     }
+    if hd95:
+        for key, d in per_image["thresholds"].items():
+            defined = [x for x in d["hd95"] if x is not None]
+            out["thresholds"][key]["hd95"] = float(np.mean(defined)) if defined else None
+            out["thresholds"][key]["n_hd95"] = len(defined)
     if return_per_image:
         out["per_image"] = per_image
     return out
@@ -412,7 +484,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
 def class_specificity(
     maps_true: Any, maps_wrong: Any, masks: Any, valid: Any = None, return_per_image: bool = False
 ) -> dict[str, Any]:
-    """How much a frame's map depends on the class: true-class vs wrong-class maps ``(N, H, W)`` in [0, 1].
+    """How much a frame's map depends on the class: true- vs wrong-class maps ``(N, [D,] H, W)`` in [0, 1].
 
     Per frame ``i``: ``correlation`` = Pearson r of the two maps over the valid pixels (None when
     either map is flat there; 1 = class-blind), and, for frames with a non-empty mask
@@ -423,8 +495,8 @@ def class_specificity(
     """
     a = _check_map(maps_true, "maps_true")
     b = _check_map(maps_wrong, "maps_wrong")
-    if a.ndim != 3 or a.shape != b.shape or a.shape[0] == 0:
-        raise ValueError(f"maps_true and maps_wrong must have the same shape (N, H, W), N >= 1; got {a.shape}, "
+    if a.ndim not in (3, 4) or a.shape != b.shape or a.shape[0] == 0:
+        raise ValueError(f"maps_true and maps_wrong must have the same shape (N, [D,] H, W), N >= 1; got {a.shape}, "
                          f"{b.shape}")
     v = _as_valid(valid, a.shape)
     g = _check_mask(masks, a.shape, "masks") & v

@@ -19,7 +19,16 @@ if TYPE_CHECKING:
     from lclsc_jax.explain.core import Explainer, Scorer, finish_cams, make_scorer, minmax, normalize_map, resize
     from lclsc_jax.explain.figures import overlay, write_explanations
     from lclsc_jax.explain.perturbation import occlusion_windows, slic_segments
-    from lclsc_jax.explain.registry import GRADIENT_CAMS, INPUT_METHODS, METHODS, REGISTRY, STAGE_METHODS, MethodSpec
+    from lclsc_jax.explain.registry import (
+        GRADIENT_CAMS,
+        INPUT_METHODS,
+        METHODS,
+        REGISTRY,
+        STAGE_METHODS,
+        VOLUME_METHODS,
+        MethodSpec,
+    )
+    from lclsc_jax.explain.volume_figures import orthogonal_figure, write_map_nifti
 
 _WHERE = {
     "GRADIENT_CAMS": "registry", "INPUT_METHODS": "registry", "METHODS": "registry", "MethodSpec": "registry",
@@ -29,8 +38,10 @@ _WHERE = {
     "normalize_map": "core", "resize": "core",
     "overlay": "figures", "write_explanations": "figures",
     "occlusion_windows": "perturbation", "slic_segments": "perturbation",
+    "VOLUME_METHODS": "registry", "orthogonal_figure": "volume_figures", "write_map_nifti": "volume_figures",
 }
-_SUBMODULES = ("api", "cam", "core", "figures", "fullgrad", "gradients", "perturbation", "registry")
+_SUBMODULES = ("api", "cam", "core", "figures", "fullgrad", "gradients", "perturbation", "registry",
+               "volume_figures")
 
 __all__ = sorted(_WHERE)
 

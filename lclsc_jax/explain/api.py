@@ -87,7 +87,10 @@ def saliency(
     jit: bool = True,
     **options: Any,
 ) -> jax.Array:
-    """Saliency maps ``(B, H, W)`` float32 of ``images (B, H, W, C)`` for ``targets (B,)``.
+    """Saliency maps ``(B, H, W)`` float32 of ``images (B, H, W, C)`` for ``targets (B,)``; volumes alike.
+
+    Volumes ``(B, D, H, W, C)`` give maps ``(B, D, H, W)`` (trilinear upsampling, 3D occlusion
+    windows, SLIC supervoxels) for the methods of ``registry.VOLUME_METHODS``.
 
     ``targets=None`` explains the predicted class. ``stage``: a stage name, ``"last"``, or several
     (maps averaged after upsampling); input-level methods (``fullgrad``, ``occlusion``,
@@ -108,6 +111,7 @@ def saliency(
     if isinstance(model, models.Model):
         models.check_variables(model, variables)
     x = _images(images)
+    registry.check_volumes(spec, x.ndim - 2)
     targets = _targets(targets, x.shape[0])
     if spec.needs_projection and score == "auto" and target_embedding is None:
         score = "gei"
@@ -148,7 +152,7 @@ def _images(images: Any) -> jax.Array:
     """``images`` as a float array ``(B, *S, C)`` with ``B >= 1``; ``ValueError`` otherwise."""
     x = jnp.asarray(images)
     if x.ndim < 3:
-        raise ValueError(f"images must have shape (B, H, W, C), got {tuple(x.shape)}")
+        raise ValueError(f"images must have shape (B, H, W, C) or (B, D, H, W, C), got {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"images must be float model inputs (normalised), got dtype {x.dtype}")
     if x.shape[0] < 1:

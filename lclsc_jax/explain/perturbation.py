@@ -90,6 +90,28 @@ def _region_drops(
     return core.chunked_sum(contrib, n, core.per_chunk(chunk_size, batch))
 
 
+def _window_grid(spatial: Sequence[int], patch: int | Sequence[int], stride: int | Sequence[int]
+                 ) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """``(patch per axis, [window starts (n_i,) per axis])`` of the sliding windows over ``spatial``."""
+    nd = len(spatial)
+    patch = (patch,) * nd if isinstance(patch, int) else tuple(int(p) for p in patch)
+    stride = (stride,) * nd if isinstance(stride, int) else tuple(int(s) for s in stride)
+    if len(patch) != nd or len(stride) != nd:
+        raise ValueError(f"patch_size and stride need one value or {nd} (one per spatial axis), got {patch}, {stride}")
+    return patch, [window_starts(n, p, s) for n, p, s in zip(spatial, patch, stride)]
+
+
+def window_counts(spatial: Sequence[int], patch: int | Sequence[int], stride: int | Sequence[int]) -> np.ndarray:
+    """How many sliding windows cover each pixel/voxel, ``(*S)`` float32 (separable: product of per-axis counts)."""
+    patch, starts = _window_grid(spatial, patch, stride)
+    count = np.ones((), np.float32)
+    for n, p, st in zip(spatial, patch, starts):
+        ar = np.arange(n)
+        per_axis = ((ar[None, :] >= st[:, None]) & (ar[None, :] < st[:, None] + p)).sum(axis=0)
+        count = np.multiply.outer(count, per_axis.astype(np.float32))
+    return count
+
+
 def occlusion(
     ex: Explainer,
     x: jax.Array,
@@ -99,9 +121,11 @@ def occlusion(
     fill: float | str = 0.0,
     chunk_size: int = 64,
 ) -> jax.Array:
-    """Occlusion map ``(B, *S)``: per pixel, the mean score drop over the windows covering it.
+    """Occlusion map ``(B, *S)`` (2D or 3D windows): per pixel, the mean score drop over the windows covering it.
 
-    Defaults: ``patch_size = max(1, min(S) // 8)``, ``stride = max(1, patch_size // 2)``.
+    Defaults: ``patch_size = max(1, min(S) // 8)``, ``stride = max(1, patch_size // 2)``. Window
+    masks are built per chunk from the per-axis window starts (never all ``(n_windows, *S)`` at
+    once), so memory is bounded by ``chunk_size`` perturbed inputs whatever the volume size.
     """
     spatial = x.shape[1:-1]
     if patch_size is None:
@@ -109,24 +133,32 @@ def occlusion(
     if stride is None:
         p = patch_size if isinstance(patch_size, int) else min(patch_size)
         stride = max(1, p // 2)
-    wins = occlusion_windows(spatial, patch_size, stride)
-    count = wins.sum(axis=0).astype(np.float32)
-    wins_j = jnp.asarray(wins)
-    batch = x.shape[0]
+    patch, starts = _window_grid(spatial, patch_size, stride)
+    grid = tuple(len(st) for st in starts)
+    n_windows = int(np.prod(grid))
+    count = window_counts(spatial, patch, stride)
+    starts_j = [jnp.asarray(st) for st in starts]
+    batch, nd = x.shape[0], len(spatial)
 
     def mask_fn(idx: jax.Array) -> jax.Array:
-        m = wins_j[idx]
-        return jnp.broadcast_to(m[:, None], (idx.shape[0], batch) + m.shape[1:])
+        cells = jnp.unravel_index(idx, grid)  # row-major over the window grid, as occlusion_windows
+        m = jnp.ones((idx.shape[0],) + (1,) * nd, bool)
+        for ax, (n, p, st, c) in enumerate(zip(spatial, patch, starts_j, cells)):
+            lo = st[c].reshape((-1,) + (1,) * nd)
+            ar = jnp.arange(n).reshape((1,) + tuple(n if a == ax else 1 for a in range(nd)))
+            m = m & (ar >= lo) & (ar < lo + p)
+        return jnp.broadcast_to(m[:, None], (idx.shape[0], batch) + tuple(spatial))
 
-    total = _region_drops(ex, x, targets, mask_fn, len(wins), fill, chunk_size)
+    total = _region_drops(ex, x, targets, mask_fn, n_windows, fill, chunk_size)
     return total / jnp.asarray(np.maximum(count, 1.0))
 
 
 def slic_segments(
     images: np.ndarray, n_segments: int = 50, compactness: float = 10.0, sigma: float = 1.0
 ) -> np.ndarray:
-    """SLIC superpixels (scikit-image) of ``images (B, *S, C)`` -> int32 labels ``(B, *S)`` from 0.
+    """SLIC superpixels (supervoxels for volumes) of ``images (B, *S, C)`` -> int32 labels ``(B, *S)`` from 0.
 
+    2D images and 3D volumes alike (scikit-image's ``slic`` segments a ``(D, H, W)`` array in 3D).
     Each image is min-max scaled to [0, 1] first, so ``compactness`` means the same for any
     input normalisation. Runs on the host (NumPy), not under ``jit``.
     """
@@ -160,7 +192,8 @@ def prepare_superpixel(x: jax.Array, opts: dict[str, Any]) -> tuple[dict[str, An
         segments = slic_segments(host, n_seg, comp, sig)
     seg = np.asarray(segments)
     if seg.shape != x.shape[:-1] or not np.issubdtype(seg.dtype, np.integer) or seg.min() < 0:
-        raise ValueError(f"segments must be non-negative integer labels of shape {x.shape[:-1]}, got {seg.dtype} {seg.shape}")
+        raise ValueError(f"segments must be non-negative integer labels of shape {x.shape[:-1]}, "
+                         f"got {seg.dtype} {seg.shape}")
     return {**opts, "num_segments": int(seg.max()) + 1}, {"segments": jnp.asarray(seg, jnp.int32)}
 
 

@@ -16,6 +16,13 @@ Stage-free methods get one row each: ``sc`` at the model's last stage (its maps 
 there), input-level methods (``fullgrad``, ``occlusion``, gradients, ...) with stage ``input``.
 Class-blind baselines (``evaluate.shortcuts.BLIND_MAPS``) get a row each, method ``blind:<name>``
 and stage ``-``, scored on the same images, masks and field of view: the floor a method must beat.
+
+Volumes (a run trained on ``(D, H, W, C)`` volumes): maps and masks are ``(N, D, H, W)``, there is
+no field of view, the tables gain ``hd95@<key>`` columns (``evaluate.hausdorff95`` of the
+binarised map, in mm from each volume's affine, else voxels; ``hd95@area`` is a headline column),
+the class-blind baselines are their 3D forms (:func:`blind_volume_map`), the figures are
+orthogonal slices + MIP per volume (``volume_figures.orthogonal_grid``, ``grid_<stage>_<n>.png``)
+and the ROAD / deletion / insertion measures are skipped (logged and recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -30,32 +37,37 @@ import jax
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy import ndimage
 
 from lclsc_jax import explain
 from lclsc_jax.data import normalize_images, pad_rows
+from lclsc_jax.data.volumes import spacing_of
 from lclsc_jax.evaluate import (
     POINTING_TIES,
     class_specificity,
     deletion_curve,
     insertion_curve,
     localisation_metrics,
+    normalize_maps,
     road,
     runner_up_class,
     shortcuts,
     target_scores,
 )
-from lclsc_jax.explain import core
+from lclsc_jax.explain import core, volume_figures
 from lclsc_jax.protocols import runs
 from lclsc_jax.train import loop
 from lclsc_jax.train.reporting import log
 
 __all__ = [
+    "BLIND_VOLUME_MAPS",
     "DEFAULT_METHODS",
     "FAITHFULNESS_METRICS",
     "FRAME_FILE",
     "FRAME_METRICS",
     "HEADLINE_METRICS",
     "benchmark_cams",
+    "blind_volume_map",
     "benchmark_columns",
     "benchmark_plan",
     "load_frames",
@@ -78,22 +90,30 @@ FAITHFULNESS_METRICS = ("road", "deletion", "insertion")
 ROAD_COLUMNS = ("road_gap", "road_morf", "road_lerf", "road_gap_margin", "road_gap_prob")
 #: Per-frame scores saved in ``FRAME_FILE`` (NaN where undefined: an empty mask, a flat map, a failed method).
 FRAME_METRICS = ("pr_auc", "dice@area", "pointing_game", "specificity_corr", "specificity_gap", *ROAD_COLUMNS,
-                 "dice@otsu", "energy_pointing_game", "deletion_auc", "insertion_auc")
+                 "dice@otsu", "energy_pointing_game", "deletion_auc", "insertion_auc", "hd95@area")
+#: Class-blind baselines on volumes (3D forms of ``shortcuts.BLIND_MAPS``), see :func:`blind_volume_map`.
+BLIND_VOLUME_MAPS: tuple[str, ...] = ("local_std", "dog", "centre", "random")
 FRAME_FILE = "cam_benchmark_frames.npz"
 
 
 def benchmark_columns(thresholds: Sequence[float] = (0.5,), faithfulness: bool = False, *, specificity: bool = True,
-                      faithfulness_metrics: Sequence[str] = ("road",)) -> list[str]:
-    """Column names of a benchmark row, in table order: the headline (threshold-free) columns first."""
+                      faithfulness_metrics: Sequence[str] = ("road",), volumes: bool = False) -> list[str]:
+    """Column names of a benchmark row, in table order: the headline (threshold-free) columns first.
+
+    ``volumes``: also the HD95 of each binarised map (``hd95@<key>``; ``hd95@area`` among the headline).
+    """
     keys = [_threshold_key(t) for t in thresholds] + ["otsu", "area"]
-    cols = ["method", "stage", "n_images", "n_evaluated", "pr_auc", "dice@area", "pointing_game"]
+    overlaps = OVERLAPS + (("hd95",) if volumes else ())
+    cols = ["method", "stage", "n_images", "n_evaluated", "pr_auc", "dice@area"]
+    cols += ["hd95@area"] if volumes else []
+    cols += ["pointing_game"]
     if specificity:
         cols += ["specificity_corr", "specificity_gap"]
     if faithfulness:
         fm = _check_faithfulness_metrics(faithfulness_metrics)
         cols += list(ROAD_COLUMNS) if "road" in fm else []
         cols += [f"{m}_auc" for m in ("deletion", "insertion") if m in fm]
-    cols += [f"{m}@{k}" for k in keys for m in OVERLAPS if f"{m}@{k}" not in cols]
+    cols += [f"{m}@{k}" for k in keys for m in overlaps if f"{m}@{k}" not in cols]
     cols += ["energy_pointing_game"]
     return cols + ["seconds", "error"]
 
@@ -147,10 +167,11 @@ def select_images(indices: np.ndarray, max_images: int) -> np.ndarray:
 
 
 def _localisation(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float], valid: np.ndarray | None,
-                  pointing_ties: str = "first") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                  pointing_ties: str = "first", spacing: Any = None, hd95: bool = False
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(row, per-frame arrays)`` of ``localisation_row``; per-frame values NaN where undefined."""
     m = localisation_metrics(maps, masks, thresholds=thresholds, otsu=True, valid=valid, area=True,
-                             return_per_image=True, pointing_ties=pointing_ties)
+                             return_per_image=True, pointing_ties=pointing_ties, hd95=hd95, spacing=spacing)
     row: dict[str, Any] = {"n_images": m["n_images"], "n_evaluated": m["n_evaluated"],
                            "pointing_game": m["pointing_game"], "energy_pointing_game": m["energy_pointing_game"],
                            "pr_auc": m["pr_auc"]}
@@ -160,7 +181,14 @@ def _localisation(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[floa
     frames = {k: _nan_array(per[k]) for k in ("pr_auc", "pointing_game", "energy_pointing_game")}
     frames["dice@area"] = _nan_array(per["thresholds"]["area"]["dice"])
     frames["dice@otsu"] = _nan_array(per["thresholds"]["otsu"]["dice"])
+    if hd95:
+        frames["hd95@area"] = _nan_array(per["thresholds"]["area"]["hd95"])
     return row, frames
+
+
+def _volume_spacings(recs: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Voxel spacing ``(N, 3)`` of volume records: from each record's ``affine`` (mm), else 1 (voxels)."""
+    return np.stack([spacing_of(r["affine"]) if r.get("affine") is not None else np.ones(3) for r in recs])
 
 
 def _nan_array(values: Sequence[Any]) -> np.ndarray:
@@ -169,9 +197,57 @@ def _nan_array(values: Sequence[Any]) -> np.ndarray:
 
 
 def localisation_row(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = (0.5,),
-                     valid: np.ndarray | None = None, pointing_ties: str = "first") -> dict[str, Any]:
-    """Flat localisation scores of ``maps (N, H, W)`` in [0, 1] vs ``masks (N, H, W)``: ``dice@0.5``, ``pr_auc``, ..."""
-    return _localisation(maps, masks, thresholds, valid, pointing_ties)[0]
+                     valid: np.ndarray | None = None, pointing_ties: str = "first", *, spacing: Any = None,
+                     hd95: bool | None = None) -> dict[str, Any]:
+    """Flat localisation scores of ``maps (N, [D,] H, W)`` in [0, 1] vs same-shaped ``masks``: ``dice@0.5``, ...
+
+    ``hd95`` (default: on for volumes ``(N, D, H, W)``) adds ``hd95@<key>`` per binarisation
+    (``evaluate.hausdorff95``, ``spacing``: scalar, ``(ndim,)`` or per frame ``(N, ndim)``; 1 if None).
+    """
+    hd = np.ndim(maps) == 4 if hd95 is None else bool(hd95)
+    return _localisation(maps, masks, thresholds, valid, pointing_ties, spacing, hd)[0]
+
+
+def _luminance3d(images: np.ndarray) -> np.ndarray:
+    """``(N, D, H, W)`` float64 in [0, 1] of volumes ``(N, D, H, W[, C])`` (uint8 / 255 or float), channel mean."""
+    x = np.asarray(images)
+    x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
+    if x.ndim == 5:
+        x = x.mean(axis=-1)
+    if x.ndim != 4:
+        raise ValueError(f"volumes must have shape (N, D, H, W) or (N, D, H, W, C), got {np.shape(images)}")
+    return x
+
+
+def blind_volume_map(name: str, images: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Class-blind maps ``(N, D, H, W)`` in [0, 1] of volumes ``(N, D, H, W[, C])``: the 3D ``shortcuts.BLIND_MAPS``.
+
+    ``local_std``: standard deviation in a 7^3 window (reflected borders); ``dog``: band-pass
+    energy ``G_2 * |G_1 * x - G_3 * x|`` (Gaussians, sigmas in voxels, nearest borders);
+    ``centre``: a centred Gaussian ``exp(-d^2 / (2 (0.25 min(D, H, W))^2))``; ``random``: i.i.d.
+    uniform noise of ``default_rng(seed)``. Each map min-max scaled (flat -> 0).
+    """
+    if name not in BLIND_VOLUME_MAPS:
+        raise ValueError(f"unknown class-blind map {name!r}; expected one of {BLIND_VOLUME_MAPS}")
+    if name in ("centre", "random"):
+        shape = np.shape(images)
+        if len(shape) not in (4, 5):
+            raise ValueError(f"volumes must have shape (N, D, H, W) or (N, D, H, W, C), got {shape}")
+        n, spatial = shape[0], tuple(shape[1:4])
+        if name == "random":
+            return normalize_maps(np.random.default_rng(seed).random((n,) + spatial)).astype(np.float32)
+        grids = np.meshgrid(*[np.arange(k) - (k - 1) / 2 for k in spatial], indexing="ij")
+        g = np.exp(-sum(a**2 for a in grids) / (2 * (0.25 * min(spatial)) ** 2))
+        return normalize_maps(np.broadcast_to(g, (n,) + spatial)).astype(np.float32)
+    lum = _luminance3d(images)
+    if name == "local_std":
+        x = lum - lum.mean(axis=(1, 2, 3), keepdims=True)
+        box = lambda a: ndimage.uniform_filter(a, size=(1, 7, 7, 7), mode="reflect")  # noqa: E731
+        m = np.sqrt(np.clip(box(x**2) - box(x) ** 2, 0.0, None))
+    else:
+        gauss = lambda a, s: ndimage.gaussian_filter(a, sigma=(0, s, s, s), mode="nearest")  # noqa: E731
+        m = gauss(np.abs(gauss(lum, 1.0) - gauss(lum, 3.0)), 2.0)
+    return normalize_maps(np.where(m > 1e-7, m, 0.0)).astype(np.float32)
 
 
 def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
@@ -370,6 +446,9 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
                    progress: bool = True) -> list[dict[str, Any]]:
     """Localisation, class specificity (and faithfulness) of each method at each stage on a run's ``split``; table rows.
 
+    Runs trained on volumes are scored in 3D (see the module docstring: HD95 columns, 3D
+    class-blind maps, orthogonal-slice figures, no field of view, faithfulness skipped).
+
     Targets are the true labels. ``max_images``: at most this many frames of the split, evenly
     spaced (0 or None: every frame). ``methods`` default: ``DEFAULT_METHODS`` (``sc`` only works
     for contrastive runs; on a ``ce`` run its row holds the error). ``stages`` default: every stage
@@ -403,9 +482,17 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     masks = np.stack([np.asarray(r["mask"]) > 0 for r in recs])
     targets = np.asarray([int(r["label"]) for r in recs], np.int32)
     x = normalize_images(images)
-    valid = shortcuts.inscribed_disc(*images.shape[1:3]) if fov else None
+    volumes = images.ndim == 5
+    skipped_faithfulness = list(fm) if volumes else []
+    if volumes and fm:
+        log(f"[benchmark-cams] volumes: faithfulness measures {list(fm)} skipped (one perturbation curve per "
+            "volume and method is too costly in 3D); localisation, HD95 and class specificity are computed")
+        fm = ()
+    spacing = _volume_spacings(recs) if volumes else None
+    valid = shortcuts.inscribed_disc(*images.shape[1:3]) if fov and not volumes else None
     plan = benchmark_plan(run.model, list(methods or DEFAULT_METHODS), stages)
-    columns = benchmark_columns(thresholds, bool(fm), specificity=specificity, faithfulness_metrics=fm or ("road",))
+    columns = benchmark_columns(thresholds, bool(fm), specificity=specificity, faithfulness_metrics=fm or ("road",),
+                                volumes=volumes)
     bs = min(batch_size, len(x))
     score_fns = {"prob": _score_fn(run), "logits": _logit_fn(run)}  # one object each: compiled once
     logits = _logits(score_fns["logits"], x, bs)
@@ -422,7 +509,7 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
         row: dict[str, Any] = {"method": method, "stage": stage, "n_images": int(len(idx)), "error": None}
         try:
             maps = make_maps(targets)
-            loc, per = _localisation(maps, masks, thresholds, valid, pointing_ties)
+            loc, per = _localisation(maps, masks, thresholds, valid, pointing_ties, spacing, volumes)
             row.update(loc)
             if specificity:
                 other = maps if class_blind else make_maps(wrong)
@@ -451,14 +538,18 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
 
     for method, stage in plan:
         score(method, stage, lambda t, m=method, s=stage: _maps(run, m, s, x, t, bs), False)
-    blind_names = shortcuts.BLIND_MAPS if blind is None else tuple(blind)
-    # Blind maps are computed inside the measured field of view (a dark rim inside the inscribed disc
-    # is not texture) and scored like every other row.
-    est = shortcuts.fov_or_none(images) if fov and blind_names else None
-    map_valid = valid if est is None else est
-    for name in blind_names:  # class-blind floor: same images, masks, field of view and scoring
-        score(f"blind:{name}", BLIND_STAGE,
-              lambda t, n=name: shortcuts.blind_map(n, images, map_valid, seed=0).astype(np.float32), True)
+    blind_names = (BLIND_VOLUME_MAPS if volumes else shortcuts.BLIND_MAPS) if blind is None else tuple(blind)
+    if volumes:
+        for name in blind_names:  # class-blind floor in 3D: same volumes, masks and scoring
+            score(f"blind:{name}", BLIND_STAGE, lambda t, n=name: blind_volume_map(n, images, seed=0), True)
+    else:
+        # Blind maps are computed inside the measured field of view (a dark rim inside the inscribed disc
+        # is not texture) and scored like every other row.
+        est = shortcuts.fov_or_none(images) if fov and blind_names else None
+        map_valid = valid if est is None else est
+        for name in blind_names:  # class-blind floor: same images, masks, field of view and scoring
+            score(f"blind:{name}", BLIND_STAGE,
+                  lambda t, n=name: shortcuts.blind_map(n, images, map_valid, seed=0).astype(np.float32), True)
     out_dir = out_dir or os.path.join(workdir, "cam_benchmark")
     paths = write_table(rows, columns, out_dir)
     paths["frames"] = write_frames(os.path.join(out_dir, FRAME_FILE), idx, ds.patients[idx], targets, predicted, wrong,
@@ -472,12 +563,20 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
             cols = [(f"{m}" if s == fs else f"{m} ({s})", kept[(m, s)]) for m, s in plan
                     if s == fs or s == INPUT_STAGE or (m == "sc")]
             cols += [(f"blind:{b}", kept[(f"blind:{b}", BLIND_STAGE)]) for b in blind_names]
+            if volumes:  # one figure per volume: rows = maps, orthogonal slices through each map's maximum + MIP
+                for j, p in enumerate(picks):
+                    rows_j = [(label, None if mp is None else mp[j]) for label, mp in cols]
+                    figures.append(volume_figures.orthogonal_grid(
+                        images[p], rows_j, masks[p], os.path.join(out_dir, f"grid_{fs}_{j}.png"),
+                        f"{titles[j]} (stage {fs})"))
+                continue
             figures.append(_grid_figure(display, masks[picks], titles, cols, os.path.join(out_dir, f"grid_{fs}.png")))
     meta = {"workdir": workdir, "checkpoint_step": run.step, "split": split, "indices": idx.tolist(),
             "thresholds": [float(t) for t in thresholds], "fov": fov, "faithfulness": bool(fm),
             "faithfulness_metrics": list(fm), "faithfulness_score": faithfulness_score, "pointing_ties": pointing_ties,
             "road_percentages": [float(p) for p in road_percentages], "road_noise": float(road_noise),
-            "specificity": bool(specificity), "blind": list(blind_names),
+            "specificity": bool(specificity), "blind": list(blind_names), "volumes": bool(volumes),
+            "spacing": None if spacing is None else spacing.tolist(), "skipped_faithfulness": skipped_faithfulness,
             "columns": columns, "rows": rows, "figures": [os.path.basename(p) for p in figures], **paths}
     loop.write_json(os.path.join(out_dir, "cam_benchmark.json"), meta)
     return rows
