@@ -40,10 +40,18 @@ SMALL_OPTS = {"scorecam": {"chunk_size": 4}, "occlusion": {"patch_size": 4, "str
               "superpixel": {"segments": np.stack([np.kron(np.arange(16).reshape(4, 4), np.ones((4, 4), int))] * 2)}}
 
 
+def _small_generator() -> dict:
+    """A one-level U-Net with random weights: the perturbation generator's options (its maps need no training here)."""
+    from lclsc_jax.models.unet3d import UNet3D
+
+    g = UNet3D(base_width=2, depth=1, blocks_per_level=1, norm_groups=1)
+    return {"generator": g, "generator_variables": g.init(jax.random.PRNGKey(0), jnp.zeros((1, H, W_IMG, 3)))}
+
+
 @pytest.mark.parametrize("method", explain.METHODS)
 def test_batched_jit_equals_single_image_eager(affine, method):
     model, v, x, g = affine
-    opts = dict(SMALL_OPTS.get(method, {}))
+    opts = _small_generator() if method == "perturbation_generator" else dict(SMALL_OPTS.get(method, {}))
     batched = np.asarray(explain.saliency(method, model, v, x, None, global_emb=g, **opts))
     assert batched.shape == (2, H, W_IMG) and batched.dtype == np.float32
     assert np.isfinite(batched).all() and batched.min() >= 0 and batched.max() <= 1
@@ -188,7 +196,9 @@ def test_write_explanations_single_method_and_grid(affine, tmp_path, capfd):
                                        global_emb=g, class_names=["x", "y", "z"],)
     base = {os.path.basename(p) for p in paths}
     assert "frame1_all.png" in base
-    assert {f"frame1_{m}.npy" for m in explain.METHODS} <= base
+    # Every method but the perturbation generator, which needs a trained generator (skipped without one).
+    assert {f"frame1_{m}.npy" for m in explain.METHODS if m != "perturbation_generator"} <= base
+    assert "frame1_perturbation_generator.npy" not in base
     err = capfd.readouterr().err  # "all" is slow: one progress line per method
     assert all(f"/{len(explain.METHODS)} {m} " in err for m in explain.METHODS), err
     with pytest.raises(ValueError, match="unknown method"):

@@ -19,7 +19,7 @@ def test_methods_keep_their_names_and_order():
     assert explain.METHODS == (
         "sc", "gradcam", "hirescam", "gradcam++", "xgradcam", "layercam", "gradcam_elementwise", "eigencam",
         "scorecam", "ablationcam", "fullgrad", "crm", "occlusion", "superpixel", "gradient", "smoothgrad",
-        "integrated_gradients")
+        "integrated_gradients", "perturbation_generator")
     assert explain.STAGE_METHODS == explain.GRADIENT_CAMS + ("eigencam", "scorecam", "ablationcam", "crm")
     assert set(explain.INPUT_METHODS) | set(explain.STAGE_METHODS) | {"sc"} == set(explain.METHODS)
 

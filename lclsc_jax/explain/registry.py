@@ -42,6 +42,7 @@ class MethodSpec:
     needs_projection: bool = False  # needs the projection head and the global class embeddings
     prepare: str | None = None  # "module.attr": host-side preparation of the options
     reference: str = ""  # the library class it is parity-tested against, if any
+    volumes: bool = True  # runs on volumes (B, D, H, W, C) -> maps (B, D, H, W) (trilinear upsampling, 3D windows)
 
     @property
     def uses_stage(self) -> bool:
@@ -120,6 +121,13 @@ REGISTRY: tuple[MethodSpec, ...] = (
                "`sum_ch (x - x0) mean_k dS/dx(x0 + a_k (x - x0))`, `a_k = (k + 1/2)/steps`", "`steps` fwd+bwd",
                {"steps": 32, "baseline": 0.0, "chunk_size": 64}, input_norm="abs",
                prepare="gradients.prepare_integrated_gradients"),
+    MethodSpec("perturbation_generator", "generator.perturbation_generator", "input",
+               "Optimal perturbation generator: a trained U-Net's mask in one forward pass (targets do not enter)",
+               "`m = sigmoid(UNet(x))`, the U-Net trained to maximise the prediction drop of `x (1 - m) + m b` "
+               "minus `area_weight mean(m)` (Rajapaksa & Khalvati 2022); averaged per SLIC segment if `n_segments`",
+               "1 generator forward", {"generator": None, "generator_variables": None, "segments": None,
+                                       "n_segments": 0, "compactness": 10.0, "slic_sigma": 1.0},
+               input_norm="none", prepare="generator.prepare_generator"),
 )
 
 SPECS: dict[str, MethodSpec] = {s.name: s for s in REGISTRY}
@@ -127,6 +135,18 @@ METHODS: tuple[str, ...] = tuple(SPECS)
 GRADIENT_CAMS: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.level == "gradient_cam")
 STAGE_METHODS: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.uses_stage)
 INPUT_METHODS: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.level == "input")
+#: Methods that run on volumes ``(B, D, H, W, C)`` (every one at present; ``saliency`` refuses the others on 5D input).
+VOLUME_METHODS: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.volumes)
+
+
+def check_volumes(spec: MethodSpec, spatial_ndim: int) -> None:
+    """``ValueError`` naming the method if it cannot explain inputs with ``spatial_ndim`` (3 = volumes) spatial axes."""
+    if spatial_ndim == 3 and not spec.volumes:
+        raise ValueError(f"saliency method {spec.name!r} does not run on volumes (B, D, H, W, C); "
+                         f"methods that do: {VOLUME_METHODS}")
+    if spatial_ndim not in (2, 3):
+        raise ValueError(f"saliency maps need images (B, H, W, C) or volumes (B, D, H, W, C), got {spatial_ndim} "
+                         "spatial axes")
 
 
 def get(method: str) -> MethodSpec:
@@ -142,7 +162,7 @@ def get(method: str) -> MethodSpec:
 def methods_help() -> str:
     """``lclsc explain --help``'s list: one ``name  summary`` line per method, in ``METHODS`` order."""
     width = max(len(m) for m in METHODS)
-    return "\n".join(f"  {s.name:<{width}}  {s.summary}" for s in REGISTRY)
+    return "\n".join(f"  {s.name:<{width}}  {s.summary}" + ("" if s.volumes else " [2D only]") for s in REGISTRY)
 
 
 def _options_cell(options: Mapping[str, Any]) -> str:
