@@ -8,14 +8,15 @@ import os
 import sys
 import time
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from lclsc_jax.protocols.grids import ABLATION_GRIDS
 
 # Every models.ARCHS name (tests/test_backbone_registry.py checks; importing models here would slow start-up).
 ARCH_HELP = ("tiny, resnet18, resnet34, resnet50, or timm/torchvision-layout: tf_efficientnetv2_s, efficientnetv2_s, "
              "inception_v3, inception_v3_aux, vit_small_patch16, vit_small_patch16_gap, vit_base_patch16, "
-             "vit_base_patch16_gap, convnext_tiny, densenet121, alexnet, lenet5")
+             "vit_base_patch16_gap, convnext_tiny, densenet121, alexnet, lenet5; volumes: tiny3d, or MONAI-layout "
+             "resnet18_3d, resnet34_3d")
 DATA_HELP = "synthetic (built-in synthetic pCLE data), a folder ROOT/<class>/<patient>/<frame>.png, or a CSV manifest"
 
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lclsc_jax.explain.registry import methods_help  # no JAX: the method list only
 
-    p = sub.add_parser("explain", help="saliency maps (.npy + PNG overlays) for image files",
+    p = sub.add_parser("explain", help="saliency maps (.npy + PNG overlays) for image files; NIfTI for volumes",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Explain the predictions of a trained run (--workdir) or of an imported "
                                    "torchvision/timm-named classifier (--torch-weights FILE --arch ARCH).\n\n"
@@ -303,16 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "back with --data OUT/manifest.csv and by any other framework. Defaults: the default "
                                    "benchmark (24 patients x 40 frames, 128 px, seed 0).",
                        epilog="examples:\n  lclsc synth --out pcle64 --size 64\n"
+                              "  lclsc synth --volumes --out brain48 --size 48 --patients 40\n"
                               "  lclsc synth --out pcle_noisy --option photons=5,20 nondiagnostic_fraction=0.3\n"
                               "  lclsc train --workdir runs/from_png --data pcle64/manifest.csv --config demo")
     p.add_argument("--out", required=True, help="output folder (must not hold a manifest yet)")
-    p.add_argument("--patients", type=int, default=24, help="number of patients (default 24)")
-    p.add_argument("--frames", type=int, default=40, help="frames per patient (default 40)")
-    p.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
+    p.add_argument("--volumes", action="store_true",
+                   help="the 3D brain tumour benchmark instead: OUT/images/<subject>/v<k>.nii.gz, OUT/masks/..., "
+                        "OUT/manifest.csv (path,label,patient,mask); see docs/volumes.md")
+    p.add_argument("--patients", type=int, default=None, help="number of patients/subjects (default 24; 60 volumes)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per patient (default 40); with --volumes, volumes per subject (default 1)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image size in pixels (default 128); with --volumes, voxels per side (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--option", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="any other simulator parameter (lclsc_jax.data.SyntheticConfig), e.g. noise=false, "
-                        "fibre_cores=5000,10000, nondiagnostic_fraction=0.2")
+                        "fibre_cores=5000,10000, nondiagnostic_fraction=0.2; with --volumes one of "
+                        "lclsc_jax.data.BrainConfig, e.g. classes=ring,diffuse channels=2 noise=0.05")
 
     p = sub.add_parser("ablate", help="a grid of configs x seeds, patient-wise, resumable; one results table",
                        description="Run an ablation sweep (see docs/protocols.md). Finished runs are skipped, so "
@@ -320,10 +328,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablation_arguments(p)
     p.set_defaults(slurm_command="lclsc ablate")
 
+    p = sub.add_parser("relevance", help="relevance maps of a 3D run: train its optimal perturbation generator",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="`lclsc relevance train --workdir RUN` trains a 3D U-Net against the run's frozen "
+                                   "classifier so that perturbing the voxels it marks lowers the explained class's "
+                                   "probability the most for the smallest marked volume (Rajapaksa & Khalvati 2022; "
+                                   "docs/volumes.md). The generator lands in RUN/relevance/; then `lclsc explain "
+                                   "--workdir RUN --method perturbation_generator VOLUME` maps a volume in one "
+                                   "forward pass. Rerunning with more --steps resumes.",
+                       epilog="example:\n  lclsc relevance train --workdir runs/brain3d --steps 400 --supervoxels 200")
+    rsub = p.add_subparsers(dest="relevance_command", required=True)
+    r = rsub.add_parser("train", help="train (or resume) the run's perturbation generator")
+    r.add_argument("--workdir", required=True, help="a trained 3D run")
+    r.add_argument("--steps", type=int, default=500, help="generator steps (default 500)")
+    r.add_argument("--batch-size", type=int, default=4, help="volumes per step (default 4)")
+    r.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    r.add_argument("--area-weight", type=float, default=0.1,
+                   help="weight of the mean mask (the sparsity term that keeps the perturbation small; default 0.1)")
+    r.add_argument("--tv-weight", type=float, default=0.0, help="weight of the mask's total variation (default 0)")
+    r.add_argument("--supervoxels", type=int, default=0,
+                   help="pool the mask over about this many SLIC supervoxels per volume (default 0: voxel-wise)")
+    r.add_argument("--baseline", default="0",
+                   help="what perturbed voxels become: a number (in model-input units), mean or blur (default 0)")
+    r.add_argument("--target", choices=("predicted", "label"), default="predicted",
+                   help="the class explained during training (default: the classifier's prediction)")
+    r.add_argument("--width", type=int, default=8, help="U-Net channels at the first level (default 8)")
+    r.add_argument("--depth", type=int, default=3, help="U-Net levels (default 3)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--log-every", type=int, default=50)
+    _add_checkpoint(r)
+
     p = sub.add_parser("verify", help="parity of PyTorch weights run in PyTorch and in this JAX model")
     p.add_argument("--torch-weights", required=True, metavar="FILE", help=".pt/.pth state_dict or .safetensors")
-    p.add_argument("--arch", required=True, help=ARCH_HELP)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--arch", required=True, help=ARCH_HELP + " (MONAI 3D ResNets built with conv1_t_stride=2)")
+    p.add_argument("--image-size", type=int, default=None, help="input side (default 224; 32 for 3D archs: a "
+                   "32^3 volume)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--in-channels", type=int, default=None, help="default: the weights' first layer's")
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
@@ -530,11 +569,33 @@ def _explain(args: argparse.Namespace) -> int:
     from lclsc_jax.protocols import runs
 
     run = runs.load_run(args.workdir, args.checkpoint)
+    if run.model.spatial_ndim == 3:
+        return _explain_volumes(args, run)
+    if args.method == "perturbation_generator":
+        raise ValueError("perturbation_generator explains 3D runs (lclsc relevance train); this run takes frames")
     images = runs.load_images(run.cfg, args.images)
     written = explain.write_explanations(run.model, run.variables, images, _output_names(args.images),
                                          args.out, args.method or "sc", args.stage, global_emb=run.global_emb,
                                          fov=not args.no_fov, class_names=run.class_names, tau=run.cfg.loss.tau,
                                          method_options={"sc": run.saliency_options("sc")})
+    for path in written:
+        print(path)
+    return 0
+
+
+def _explain_volumes(args: argparse.Namespace, run: Any) -> int:
+    """``lclsc explain`` on volume files of a 3D run: NIfTI maps aligned with the inputs, and PNG figures."""
+    from lclsc_jax.protocols import volume_explain
+
+    method = args.method or "gradcam"
+    methods = list(volume_explain.ALL_VOLUME_METHODS) if method == "all" else [method]
+    existing = [] if args.overwrite else [p for p in volume_explain.output_paths(args.images, args.out, methods)
+                                          if os.path.exists(p)]
+    if existing:
+        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace, or another --out")
+    options = {m: run.saliency_options(m) for m in methods}
+    written = volume_explain.explain_volumes(run, args.images, args.out, methods, args.stage, options,
+                                             log=lambda m: print(m, file=sys.stderr, flush=True))
     for path in written:
         print(path)
     return 0
@@ -662,19 +723,57 @@ def _audit_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default(value: int | None, default: int) -> int:
+    """``value`` unless the flag was not given."""
+    return default if value is None else value
+
+
 def _synth(args: argparse.Namespace) -> int:
     """Export the simulated benchmark (PNG frames, masks, manifest) with progress lines."""
     from lclsc_jax.data import export, synthetic
 
-    cfg = synthetic.config_from_options(args.option, num_patients=args.patients, images_per_patient=args.frames,
-                                        image_size=args.size, seed=args.seed)
     t0 = time.time()
+    if args.volumes:
+        from lclsc_jax.data.settings import BrainConfig
+
+        cfg = synthetic.config_from_options(args.option, BrainConfig, n_subjects=_default(args.patients, 60),
+                                            volumes_per_subject=_default(args.frames, 1),
+                                            size=_default(args.size, 64), seed=args.seed)
+        manifest = export.export_volumes(
+            cfg, args.out, progress=lambda d, n: print(f"[synth] subject {d}/{n} ({time.time() - t0:.0f} s)",
+                                                       flush=True) if d % 10 == 0 or d == n else None)
+        print(f"written: {manifest} ({cfg.num_volumes} volumes, {cfg.size}^3 voxels, {cfg.channels} channel(s), "
+              f"classes {','.join(cfg.classes)}, {time.time() - t0:.0f} s)")
+        return 0
+    cfg = synthetic.config_from_options(args.option, num_patients=_default(args.patients, 24),
+                                        images_per_patient=_default(args.frames, 40),
+                                        image_size=_default(args.size, 128), seed=args.seed)
 
     def progress(done: int, total: int) -> None:
         print(f"[synth] patient {done}/{total} ({time.time() - t0:.0f} s)", flush=True)
 
     manifest = export.export_synthetic(cfg, args.out, progress=progress)
     print(f"written: {manifest} ({cfg.num_images} frames, {cfg.image_size} px, {time.time() - t0:.0f} s)")
+    return 0
+
+
+def _relevance(args: argparse.Namespace) -> int:
+    """``lclsc relevance train``: the run's optimal perturbation generator."""
+    from lclsc_jax.protocols import relevance
+
+    try:
+        baseline: float | str = float(args.baseline)
+    except ValueError:
+        baseline = args.baseline
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be >= 1")
+    summary = relevance.train_generator(args.workdir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                        area_weight=args.area_weight, base_width=args.width, depth=args.depth,
+                                        tv_weight=args.tv_weight, baseline=baseline, target=args.target,
+                                        n_segments=args.supervoxels, which=args.checkpoint, seed=args.seed,
+                                        log_every=args.log_every)
+    extra = ", ".join(f"{k} {summary[k]:.4f}" for k in ("loss", "drop", "area") if k in summary)
+    print(f"generator at step {summary['steps']} in {summary['out_dir']}" + (f" ({extra})" if extra else ""))
     return 0
 
 
@@ -687,7 +786,8 @@ def _ablate(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from lclsc_jax import interop
 
-    report = interop.verify(args.torch_weights, args.arch, batch_size=args.batch_size, image_size=args.image_size,
+    size = args.image_size or (32 if args.arch.endswith("3d") else 224)
+    report = interop.verify(args.torch_weights, args.arch, batch_size=args.batch_size, image_size=size,
                             in_channels=args.in_channels, tol=args.tol)
     print(report.format())
     return 0 if report.passed else 1
@@ -781,9 +881,10 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
     return written
 
 
-_COMMANDS = {"train": _train, "pretrain": _pretrain, "evaluate": _evaluate, "predict": _predict, "explain": _explain, "cv": _cv,
-             "benchmark-cams": _benchmark_cams, "sanity": _sanity, "synth": _synth, "audit-data": _audit_data, "robustness": _robustness, "ablate": _ablate, "verify": _verify,
-             "export": _export, "demo": _demo, "config": _config}
+_COMMANDS = {"train": _train, "pretrain": _pretrain, "evaluate": _evaluate, "predict": _predict, "explain": _explain,
+             "cv": _cv, "benchmark-cams": _benchmark_cams, "sanity": _sanity, "synth": _synth,
+             "audit-data": _audit_data, "robustness": _robustness, "ablate": _ablate, "verify": _verify,
+             "relevance": _relevance, "export": _export, "demo": _demo, "config": _config}
 
 
 if __name__ == "__main__":

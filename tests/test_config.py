@@ -65,6 +65,19 @@ def test_config_architectures_are_the_models():
     from lclsc_jax import models
 
     assert set(C.ARCHS) == set(models.ARCHS)
+    assert set(C.VOLUME_ARCHS) == {a for a in models.ARCHS if models.arch_spec(a).ndim == 3}
+
+
+def test_volume_configs_need_volume_archs_and_shapes():
+    cfg = C.load("tiny3d")
+    assert C.input_shape(cfg) == (16, 16, 16, 1) and C.input_shape(C.load("tiny")) == (32, 32, 1)
+    assert C.brain_config(C.load("tiny3d", ["data.image_size=20", "data.channels=2"])).size == 20
+    with pytest.raises(C.ConfigError, match="brain3d"):
+        C.load("tiny3d", ["data.source=synthetic"])
+    with pytest.raises(C.ConfigError, match="3D arch"):
+        C.load("tiny", ["data.source=brain3d"])
+    with pytest.raises(C.ConfigError, match="follows"):
+        C.load("tiny3d", ["brain.size=8"])
 
 
 def test_k_one_means_every_location_as_in_the_method():

@@ -25,6 +25,10 @@ from lclsc_jax.train.config import Config, from_dict, uses_gei
 from lclsc_jax.train.state import TrainState
 
 
+#: Where ``lclsc relevance train`` keeps a run's perturbation generator, inside its workdir.
+GENERATOR_FOLDER = "relevance"
+
+
 @dataclasses.dataclass
 class TrainedRun:
     """A restored run: its config, class names, model, state (on ``mesh``, FSDP-sharded as trained) and step."""
@@ -54,8 +58,29 @@ class TrainedRun:
         return self.state.global_emb if uses_gei(self.cfg) else None
 
     def saliency_options(self, method: str) -> dict[str, Any]:
-        """Options of ``explain.saliency(method, ...)`` that make the maps the run's own (``sc``: ``loss.sc_maps``)."""
-        return {"maps": self.cfg.loss.sc_maps} if method == "sc" else {}
+        """Options of ``explain.saliency(method, ...)`` that make the maps the run's own.
+
+        ``sc``: the run's ``loss.sc_maps``; ``perturbation_generator``: the run's trained generator
+        (``lclsc relevance train``, in ``WORKDIR/relevance``).
+        """
+        if method == "sc":
+            return {"maps": self.cfg.loss.sc_maps}
+        if method == "perturbation_generator":
+            return self.generator_options
+        return {}
+
+    @functools.cached_property
+    def generator_options(self) -> dict[str, Any]:
+        """The ``perturbation_generator`` options of this run: its generator module, variables and supervoxels."""
+        from lclsc_jax.train import relevance as rel_train
+
+        out_dir = storage.join(self.workdir, GENERATOR_FOLDER)
+        if not storage.exists(storage.join(out_dir, rel_train.CONFIG_FILE)):
+            raise FileNotFoundError(f"{self.workdir} has no perturbation generator: run `lclsc relevance train "
+                                    f"--workdir {self.workdir}` first")
+        module, variables, config = rel_train.restore_generator(out_dir)
+        return {"generator": module, "generator_variables": variables,
+                "n_segments": int(config["generator"].get("n_segments", 0))}
 
 
 def load_run(workdir: str, which: str = "best", num_devices: int | None = None) -> TrainedRun:

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from lclsc_jax.data.settings import AugmentConfig, SyntheticConfig, ViewsConfig, parse_value
+from lclsc_jax.data.settings import AugmentConfig, BrainConfig, SyntheticConfig, ViewsConfig, parse_value
 
 
 class ConfigError(ValueError):
@@ -38,11 +38,12 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are fed."""
 
-    source: str = "synthetic"  # synthetic | folder path | CSV manifest path
+    source: str = "synthetic"  # synthetic | brain3d (3D benchmark) | folder path | CSV manifest path
     labelled: bool = True  # False: a folder ROOT/<patient>/<frame> or a CSV without labels (lclsc pretrain)
     allow_outside_root: bool = False  # a CSV manifest may name files outside its folder (../x.png, /abs/x.png)
-    image_size: int = 128
+    image_size: int = 128  # side of the square frame (2D) or the cube volume (3D archs)
     channels: int = 1
+    spacing: float = 0.0  # volumes: resample to this isotropic voxel spacing (mm) before the crop/pad; 0: zoom to fit
     cache_dir: str = ""  # "" -> $LCLSC_DATA_DIR or ~/.cache/lclsc_jax
     num_workers: int = 0
     val_fraction: float = 0.15
@@ -131,6 +132,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentation (data.settings)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # the simulator, for data.source=synthetic
+    brain: BrainConfig = field(default_factory=BrainConfig)  # the 3D brain benchmark, for data.source=brain3d
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # lclsc pretrain only
@@ -192,8 +194,29 @@ def _register_presets() -> None:
     )
 
 
+def _register_volume_presets() -> None:
+    # Volumes: the 3D brain benchmark and a tiny 3D CNN (docs/volumes.md), CPU minutes at 32^3.
+    PRESETS["brain3d"] = _preset(
+        model=dict(arch="tiny3d", embed_dim=64),
+        data=dict(source="brain3d", image_size=32),
+        brain=dict(n_subjects=90),
+        loss=dict(lambda_sc=0.1),
+        train=dict(steps=600, batch_size=16, lr=3e-3, warmup_steps=30, eval_every=150, checkpoint_every=150,
+                   log_every=25, eval_batch_size=16),
+    )
+    # Tests of the 3D path.
+    PRESETS["tiny3d"] = _preset(
+        model=dict(arch="tiny3d", embed_dim=16),
+        data=dict(source="brain3d", image_size=16),
+        brain=dict(n_subjects=12),
+        train=dict(steps=4, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=2, checkpoint_every=2,
+                   log_every=2, eval_batch_size=8),
+    )
+
+
 #: Keys a config holds but does not set: their value follows another key's (one source each).
-DERIVED = {"synthetic.image_size": "data.image_size"}
+DERIVED = {"synthetic.image_size": "data.image_size", "brain.size": "data.image_size",
+           "brain.channels": "data.channels"}
 
 #: Keys of older configs (``config.json`` of earlier runs) and where their setting lives now.
 RENAMED = {"data.augment": "augment.enabled", "data.synthetic_patients": "synthetic.num_patients",
@@ -225,6 +248,21 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def synthetic_config(cfg: Config) -> SyntheticConfig:
     """The simulator settings of a run, generating frames of ``data.image_size``."""
     return dataclasses.replace(cfg.synthetic, image_size=cfg.data.image_size)
+
+
+def brain_config(cfg: Config) -> BrainConfig:
+    """The 3D benchmark's settings of a run: volumes of ``data.image_size``^3 voxels and ``data.channels``."""
+    return dataclasses.replace(cfg.brain, size=cfg.data.image_size, channels=cfg.data.channels)
+
+
+def spatial_ndim(cfg: Config) -> int:
+    """2 for a frame classifier, 3 for a volume one (``model.arch`` in :data:`VOLUME_ARCHS`); imports no JAX."""
+    return 3 if cfg.model.arch in VOLUME_ARCHS else 2
+
+
+def input_shape(cfg: Config) -> tuple[int, ...]:
+    """One input without the batch axis: ``(S, S, C)`` for 2D archs, ``(S, S, S, C)`` for 3D ones."""
+    return (cfg.data.image_size,) * spatial_ndim(cfg) + (cfg.data.channels,)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -362,7 +400,9 @@ OPTIMIZERS = ("adamw", "sgd", "lars")
 #: The self-supervised (and supervised-contrastive) objectives of ``lclsc pretrain``.
 OBJECTIVES = ("simclr", "dino", "supcon")
 #: ``models.ARCHS`` (a test keeps the two equal; listed here so a config is checked without importing Flax).
-CORE_ARCHS = ("tiny", "resnet18", "resnet34", "resnet50")
+#: The archs that take volumes (B, D, H, W, C): ``models.arch_spec(a).ndim == 3`` (a test keeps the two in step).
+VOLUME_ARCHS = ("tiny3d", "resnet18_3d", "resnet34_3d")
+CORE_ARCHS = ("tiny", "resnet18", "resnet34", "resnet50", *VOLUME_ARCHS)
 ARCHS = (*CORE_ARCHS, "tf_efficientnetv2_s", "efficientnetv2_s", "inception_v3", "inception_v3_aux",
          "vit_small_patch16", "vit_small_patch16_gap", "vit_base_patch16", "vit_base_patch16_gap",
          "convnext_tiny", "densenet121", "alexnet", "lenet5")
@@ -420,9 +460,26 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.loss, key)
         if not 0 < v <= 1:
             errors.append(f"loss.{key} must be a fraction in (0, 1] of the feature map's locations, got {v}")
-    errors += _pretrain_errors(cfg)
+    errors += _pretrain_errors(cfg) + _volume_errors(cfg)
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def _volume_errors(cfg: Config) -> list[str]:
+    """Frames need a 2D arch and volumes a 3D one, as far as the config alone tells."""
+    errors = []
+    if cfg.data.spacing < 0:
+        errors.append(f"data.spacing must be >= 0 (0: zoom to data.image_size), got {cfg.data.spacing}")
+    if cfg.model.arch not in ARCHS:
+        return errors
+    ndim = spatial_ndim(cfg)
+    if ndim == 3 and cfg.data.source == "synthetic":
+        errors.append(f"model.arch={cfg.model.arch} takes volumes, and the pCLE simulator makes 2D frames: use "
+                      "data.source=brain3d (the 3D benchmark) or a folder/CSV of volumes")
+    if ndim == 2 and cfg.data.source == "brain3d":
+        errors.append(f"data.source=brain3d makes volumes, and model.arch={cfg.model.arch} takes 2D frames: use a "
+                      f"3D arch ({', '.join(VOLUME_ARCHS)})")
+    return errors
 
 
 def _pretrain_errors(cfg: Config) -> list[str]:
@@ -450,3 +507,4 @@ def uses_gei(cfg: Config) -> bool:
 
 
 _register_presets()
+_register_volume_presets()

@@ -22,7 +22,18 @@ from lclsc_jax.train import predict as predict_lib
 from lclsc_jax.train import sharding as shd
 from lclsc_jax.train import steps as steps_lib
 from lclsc_jax.train.checkpoint import Checkpointer, saved_steps
-from lclsc_jax.train.config import Config, flatten, from_dict, override, synthetic_config, to_dict, uses_gei
+from lclsc_jax.train.config import (
+    Config,
+    brain_config,
+    flatten,
+    from_dict,
+    input_shape,
+    override,
+    spatial_ndim,
+    synthetic_config,
+    to_dict,
+    uses_gei,
+)
 from lclsc_jax.train.reporting import MetricWriter, Progress, log
 from lclsc_jax.train.state import TrainState, create_state, learning_rate, make_optimizer, state_sharding
 
@@ -84,11 +95,25 @@ def load_dataset(cfg: Config, source: str | None = None) -> Any:
     """
     d = cfg.data
     source = source or d.source
-    # The synthetic section means nothing for a user's folder or manifest.
+    # The synthetic and brain sections mean nothing for a user's folder or manifest.
     synthetic = synthetic_config(cfg) if source == "synthetic" else None
-    return data.load(source, image_size=d.image_size, channels=d.channels,
-                     cache_dir=d.cache_dir or None, synthetic=synthetic,
-                     allow_outside_root=d.allow_outside_root, labelled=d.labelled)
+    volumes = spatial_ndim(cfg) == 3
+    ds = data.load(source, image_size=d.image_size, channels=d.channels,
+                   cache_dir=d.cache_dir or None, synthetic=synthetic,
+                   allow_outside_root=d.allow_outside_root, labelled=d.labelled, volumes=True if volumes else None,
+                   brain=brain_config(cfg) if source == "brain3d" else None,
+                   spacing=(d.spacing or None) if volumes else None)
+    if is_volumes(ds) and not volumes:
+        raise data.DataError(f"{source} holds volumes, and model.arch={cfg.model.arch} takes 2D frames: set "
+                             "model.arch to a 3D arch (tiny3d, resnet18_3d, resnet34_3d), e.g. --config tiny3d")
+    return ds
+
+
+def is_volumes(ds: Any) -> bool:
+    """Whether a ``data.Dataset`` holds volumes ``(S, S, S, C)`` rather than frames ``(S, S, C)``."""
+    from lclsc_jax.data.volume_builders import VolumeRecordSource
+
+    return isinstance(ds.source, VolumeRecordSource)
 
 
 def make_splits(cfg: Config, ds: Any) -> dict[str, np.ndarray]:
@@ -143,7 +168,7 @@ def build_model(cfg: Config, num_classes: int) -> Any:
 def init_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:
     """A fresh train state from ``cfg.seed``, sharded by ``state_sharding`` (replicated unless ``train.fsdp > 1``)."""
     tx = make_optimizer(cfg)
-    shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
+    shape = input_shape(cfg)
     create = lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key)  # noqa: E731
     fn = jax.jit(create, out_shardings=state_sharding(jax.eval_shape(create, jax.random.PRNGKey(0)), mesh))
     return fn(jax.random.PRNGKey(cfg.seed))
@@ -152,7 +177,7 @@ def init_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mes
 def abstract_state(cfg: Config, model: Any, num_classes: int, mesh: jax.sharding.Mesh) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
     tx = make_optimizer(cfg)
-    shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
+    shape = input_shape(cfg)
     shapes = jax.eval_shape(lambda key: create_state(model, tx, num_classes, cfg.model.embed_dim, shape, key),
                             jax.random.PRNGKey(0))
     return shd.with_shardings(shapes, state_sharding(shapes, mesh))
