@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generator-steps", type=int, default=400, help="generator steps (default 400)")
     p.add_argument("--area-weight", type=float, default=0.1)
     p.add_argument("--supervoxels", type=int, default=0, help="generator masks pooled over supervoxels (0: voxels)")
+    p.add_argument("--supervoxel-segments", type=int, default=100,
+                   help="SLIC supervoxels of the `superpixel` perturbation baseline (default 100)")
     p.add_argument("--stage", default="stage3", help="CAM stage (default stage3: 4^3 cells at 32^3)")
     p.add_argument("--max-images", type=int, default=0, help="test volumes scored (0: all)")
     p.add_argument("--n-boot", type=int, default=2000)
@@ -132,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     t2 = time.time()
     bench_dir = os.path.join(args.out, "cam_benchmark")
     cam_benchmark.benchmark_cams(workdir, list(METHODS), [args.stage], "test", args.max_images or None, (0.5,),
-                                 bench_dir, specificity=False, progress=True)
+                                 bench_dir, specificity=False, progress=True,
+                                 method_options={"occlusion": {"patch_size": args.size // 4, "stride": args.size // 8},
+                                                 "superpixel": {"n_segments": args.supervoxel_segments}})
     t_bench = time.time() - t2
     frames = cam_benchmark.load_frames(os.path.join(bench_dir, cam_benchmark.FRAME_FILE))
     methods = list(METHODS) + [f"blind:{b}" for b in cam_benchmark.BLIND_VOLUME_MAPS]

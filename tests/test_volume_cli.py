@@ -208,7 +208,7 @@ def test_real_mri_trains_and_maps_land_on_the_scan(env, real_manifest, tmp_path)
 
 @pytest.mark.slow
 def test_bad_volume_input_names_the_file(env, real_manifest, tmp_path):
-    bad = tmp_path / "bad.csv"
+    bad = real_manifest.parent / "bad.csv"  # next to the volumes: its relative paths resolve there
     rows = _manifest(real_manifest)
     rows[2]["path"] = str(real_manifest.parent / "missing.nii.gz")
     with open(bad, "w", newline="") as f:

@@ -590,6 +590,9 @@ def format_audit(report: Mapping[str, Any], top: int = 10) -> str:
                   "| map | " + " | ".join(MAP_COLUMNS) + " |", "|---|" + "---|" * len(MAP_COLUMNS)]
         lines += [f"| `{row['method']}` | " + " | ".join(_num(row.get(c)) for c in MAP_COLUMNS) + " |"
                   for row in bm["rows"]]
+    elif len(r["image_size"]) == 3:
+        lines += ["Not scored here on volumes: `lclsc benchmark-cams` scores the 3D class-blind maps next to a "
+                  "trained run's maps."]
     else:
         lines += ["The data have no masks: nothing to score."]
     lines += ["", "## How to read this", "",

@@ -250,11 +250,12 @@ def blind_volume_map(name: str, images: np.ndarray, *, seed: int = 0) -> np.ndar
     return normalize_maps(np.where(m > 1e-7, m, 0.0)).astype(np.float32)
 
 
-def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int) -> np.ndarray:
+def _maps(run: Any, method: str, stage: str, x: np.ndarray, targets: np.ndarray, batch_size: int,
+          options: Mapping[str, Any] | None = None) -> np.ndarray:
     """Saliency maps ``(N, H, W)`` in [0, 1] of ``x (N, H, W, C)`` in fixed-size (padded) batches."""
     maps = explain.saliency_batched(method, run.model, run.variables, x, targets, batch_size=batch_size,
                                     stage="last" if stage == INPUT_STAGE else stage, global_emb=run.global_emb,
-                                    tau=run.cfg.loss.tau, **run.saliency_options(method))
+                                    tau=run.cfg.loss.tau, **{**run.saliency_options(method), **(options or {})})
     return np.clip(maps, 0.0, 1.0)
 
 
@@ -443,7 +444,8 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
                    road_percentages: Sequence[float] = (10, 30, 50, 70, 90), road_noise: float = 0.01,
                    specificity: bool = True, deletion_steps: int = 16, batch_size: int = 16, figure_images: int = 6,
                    fov: bool = True, blind: Sequence[str] | None = None, pointing_ties: str = "first",
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, method_options: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> list[dict[str, Any]]:
     """Localisation, class specificity (and faithfulness) of each method at each stage on a run's ``split``; table rows.
 
     Runs trained on volumes are scored in 3D (see the module docstring: HD95 columns, 3D
@@ -463,7 +465,8 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
     ``first`` (the first maximum in raster order; a flat map misses) or ``any`` (any maximum; Quantus'
     convention, a flat map hits), see ``evaluate.pointing_game``. Writes the
     table, ``cam_benchmark.json``, the per-frame scores (``FRAME_FILE``) and the figure grids
-    into ``out_dir`` (default ``WORKDIR/cam_benchmark``).
+    into ``out_dir`` (default ``WORKDIR/cam_benchmark``). ``method_options``: per method, options
+    of its own on top of the run's (e.g. ``{"occlusion": {"patch_size": 8, "stride": 4}}``).
     """
     fm = _check_faithfulness_metrics(faithfulness_metrics) if faithfulness else ()
     if pointing_ties not in POINTING_TIES:
@@ -537,7 +540,8 @@ def benchmark_cams(workdir: str, methods: Sequence[str] | None = None, stages: S
                 f"pointing={_fmt(row['pointing_game'])}"))
 
     for method, stage in plan:
-        score(method, stage, lambda t, m=method, s=stage: _maps(run, m, s, x, t, bs), False)
+        opts = dict((method_options or {}).get(method, {}))
+        score(method, stage, lambda t, m=method, s=stage, o=opts: _maps(run, m, s, x, t, bs, o), False)
     blind_names = (BLIND_VOLUME_MAPS if volumes else shortcuts.BLIND_MAPS) if blind is None else tuple(blind)
     if volumes:
         for name in blind_names:  # class-blind floor in 3D: same volumes, masks and scoring
