@@ -53,15 +53,15 @@ def bootstrap_table(frames: dict, methods: list[str], n_boot: int) -> list[dict]
     from lclsc_jax.evaluate import statistics
 
     rows = []
-    keys = list(zip(frames["methods"].tolist(), frames["stages"].tolist(), frames["metrics"].tolist()))
+    columns = frames["columns"]  # {(method, stage, metric): (N,)}
     patients = frames["patient"]
 
     def values(method: str, metric: str) -> np.ndarray | None:
         if metric == "iou@area":  # per volume, IoU = Dice / (2 - Dice) for the same two binary masks
             d = values(method, "dice@area")
             return None if d is None else d / (2.0 - d)
-        hits = [i for i, (m, _, k) in enumerate(keys) if m == method and k == metric]
-        return frames["values"][hits[0]] if hits else None
+        hits = [v for (m, _, k), v in columns.items() if m == method and k == metric]
+        return hits[0] if hits else None
 
     ref = values("gradcam", "dice@area")
     for method in methods:
@@ -90,7 +90,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     """The results as a Markdown table."""
     lines = [f"Test subjects: {meta['n_test']} ({meta['size']}^3 voxels); classifier test accuracy "
              f"{meta['test_accuracy']:.3f}; 95% intervals from {meta['n_boot']} patient-bootstrap resamples.", "",
-             "| method | Dice@area | IoU@area | HD95@area (vox) | PR-AUC | Dice − Grad-CAM |",
+             "| method | Dice@area | IoU@area | HD95@area (mm) | PR-AUC | Dice − Grad-CAM |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {_cell(r.get('dice@area'))} | {_cell(r.get('iou@area'))} | "
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="")
+    p.add_argument("--rescore", action="store_true", help="reuse the benchmark's per-volume scores if written")
     args = p.parse_args(argv)
 
     from lclsc_jax.protocols import cam_benchmark, relevance
@@ -133,12 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"2/3 generator done ({t_gen:.0f} s): {gen}")
     t2 = time.time()
     bench_dir = os.path.join(args.out, "cam_benchmark")
-    cam_benchmark.benchmark_cams(workdir, list(METHODS), [args.stage], "test", args.max_images or None, (0.5,),
-                                 bench_dir, specificity=False, progress=True,
-                                 method_options={"occlusion": {"patch_size": args.size // 4, "stride": args.size // 8},
-                                                 "superpixel": {"n_segments": args.supervoxel_segments}})
+    frames_path = os.path.join(bench_dir, cam_benchmark.FRAME_FILE)
+    if args.rescore and os.path.exists(frames_path):
+        _log(f"3/3 reusing {frames_path} (--rescore)")
+    else:
+        cam_benchmark.benchmark_cams(workdir, list(METHODS), [args.stage], "test", args.max_images or None, (0.5,),
+                                     bench_dir, specificity=False, progress=True,
+                                     method_options={"occlusion": {"patch_size": args.size // 4,
+                                                                   "stride": args.size // 8},
+                                                     "superpixel": {"n_segments": args.supervoxel_segments}})
     t_bench = time.time() - t2
-    frames = cam_benchmark.load_frames(os.path.join(bench_dir, cam_benchmark.FRAME_FILE))
+    frames = cam_benchmark.load_frames(frames_path)
     methods = list(METHODS) + [f"blind:{b}" for b in cam_benchmark.BLIND_VOLUME_MAPS]
     rows = bootstrap_table(frames, methods, args.n_boot)
     acc = float(np.mean(frames["predicted"] == frames["label"]))

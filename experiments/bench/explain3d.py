@@ -29,6 +29,7 @@ import numpy as np
 OURS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "ablationcam", "scorecam",
         "occlusion", "superpixel", "perturbation_generator")
 MONAI = ("monai:gradcam", "monai:gradcam++", "monai:occlusion")
+CAMS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "ablationcam", "scorecam")
 NUM_CLASSES = 3
 
 
@@ -89,7 +90,9 @@ def child(method: str, size: int, out: str) -> dict:
                     m, _ = occ(xt)
                 return np.asarray(m)[0, target]
         else:
-            cam = (GradCAM if kind == "gradcam" else GradCAMpp)(nn_module=net, target_layers="layer4")
+            # Raw maps (MONAI's default post-processing maps (min, max) to (1, 0), for display).
+            cam = (GradCAM if kind == "gradcam" else GradCAMpp)(nn_module=net, target_layers="layer4",
+                                                                 postprocessing=lambda m: m)
 
             def run() -> np.ndarray:
                 return cam(xt, class_idx=target).detach().numpy()[0, 0]
@@ -112,8 +115,9 @@ def child(method: str, size: int, out: str) -> dict:
         xj = jax.numpy.asarray(x)
 
         def run() -> np.ndarray:
+            # CAMs: ReLU, upsample, min-max (as MONAI: ReLU before the upsampling); the rest raw.
             return np.asarray(explain.saliency(name, model, variables, xj, [target], stage="stage4",
-                                               normalize=False, **opts))[0]
+                                               normalize=name in CAMS, **opts))[0]
     base = _current_rss_mib()
     t0 = time.perf_counter()
     m = run()
@@ -166,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for ours, ref, sign in (("gradcam", "monai_gradcam", 1), ("gradcam++", "monai_gradcam++", 1),
                             ("occlusion", "monai_occlusion", -1)):
         if ours in maps and ref in maps:
-            a = np.maximum(maps[ours], 0) if sign > 0 else maps[ours]  # MONAI's CAMs are ReLU'd
-            corr[f"{ours} vs {ref}"] = sign * _corr(a, maps[ref])
+            corr[f"{ours} vs {ref}"] = sign * _corr(maps[ours], maps[ref])
     result = {"size": args.size, "machine": f"{os.cpu_count()} CPU cores", "rows": rows, "correlation": corr}
     with open(os.path.join(out, "explain3d.json"), "w") as f:
         json.dump(result, f, indent=2)
