@@ -64,6 +64,19 @@ def _panel(ax: Any, image: np.ndarray | None, heat: np.ndarray, mask: np.ndarray
     return im
 
 
+def _finish(fig: Figure, title: str, path: str | None, dpi: int) -> Figure | str:
+    """Title and lay out ``fig``; write it as PNG at ``path`` (returned) or return the Figure."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is None:
+        return fig
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
 def orthogonal_figure(volume: np.ndarray, heat: np.ndarray, mask: np.ndarray | None = None,
                       path: str | None = None, title: str = "", alpha: float = 0.5) -> Figure | str:
     """Three orthogonal slices through the map's maximum plus its maximum-intensity projection.
@@ -95,15 +108,7 @@ def orthogonal_figure(volume: np.ndarray, heat: np.ndarray, mask: np.ndarray | N
         fig.colorbar(im, ax=axes[ax_i], fraction=0.046, pad=0.04)
     im = _panel(axes[3], None, h.max(axis=2), None if m is None else m.any(axis=2), "map MIP (axis 2)", alpha, vmax)
     fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.04)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    if path is None:
-        return fig
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, format="png")
-    return path
+    return _finish(fig, title, path, dpi=100)
 
 
 def orthogonal_grid(volume: np.ndarray, rows: Sequence[tuple[str, np.ndarray | None]], mask: np.ndarray | None = None,
@@ -138,15 +143,7 @@ def orthogonal_grid(volume: np.ndarray, rows: Sequence[tuple[str, np.ndarray | N
         im = _panel(axes[r, 3], None, h.max(axis=2), None if m is None else m.any(axis=2), "MIP", alpha, 1.0)
         fig.colorbar(im, ax=axes[r, 3], fraction=0.046, pad=0.04)
         axes[r, 0].set_ylabel(label, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    if path is None:
-        return fig
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=90, format="png")
-    return path
+    return _finish(fig, title, path, dpi=90)
 
 
 def write_map_nifti(path: str, heat: np.ndarray, affine: np.ndarray | None = None) -> str:
