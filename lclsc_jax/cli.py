@@ -15,8 +15,8 @@ from lclsc_jax.protocols.grids import ABLATION_GRIDS
 # Every models.ARCHS name (tests/test_backbone_registry.py checks; importing models here would slow start-up).
 ARCH_HELP = ("tiny, resnet18, resnet34, resnet50, or timm/torchvision-layout: tf_efficientnetv2_s, efficientnetv2_s, "
              "inception_v3, inception_v3_aux, vit_small_patch16, vit_small_patch16_gap, vit_base_patch16, "
-             "vit_base_patch16_gap, convnext_tiny, densenet121, alexnet, lenet5; volumes: tiny3d, or MONAI-layout "
-             "resnet18_3d, resnet34_3d")
+             "vit_base_patch16_gap, convnext_tiny, densenet121, alexnet, lenet5, and for volumes: tiny3d, or "
+             "MONAI-layout: resnet18_3d, resnet34_3d")
 DATA_HELP = "synthetic (built-in synthetic pCLE data), a folder ROOT/<class>/<patient>/<frame>.png, or a CSV manifest"
 
 

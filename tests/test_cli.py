@@ -167,7 +167,9 @@ def test_demo_trains_evaluates_and_writes_every_figure(tmp_path, cache):
     assert len(list((figs / "all_methods").glob("*_all.png"))) == 3  # one grid per class
     from lclsc_jax import explain
 
-    for m in explain.METHODS:  # every method produced a map in [0, 1] of the image's size for each frame
+    # Every method produced a map in [0, 1] of the image's size for each frame (but the perturbation generator,
+    # which needs `lclsc relevance train` first and is skipped by "all").
+    for m in (m for m in explain.METHODS if m != "perturbation_generator"):
         maps = [np.load(p) for p in (figs / "all_methods").glob(f"*_{m}.npy")]
         assert len(maps) == 3, m
         assert all(a.shape == (32, 32) and 0 <= a.min() and a.max() <= 1 + 1e-6 for a in maps), m
