@@ -24,7 +24,7 @@ from lclsc_jax.train import loop
 from lclsc_jax.train import relevance as rel_train
 
 #: The generator's folder inside a run's workdir.
-FOLDER = "relevance"
+FOLDER = runs.GENERATOR_FOLDER
 
 
 def generator_dir(workdir: str) -> str:
@@ -117,6 +117,4 @@ def load_generator(workdir: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
 
 def explain_options(workdir: str) -> dict[str, Any]:
     """Keyword options of ``explain.saliency("perturbation_generator", ...)`` for the run's trained generator."""
-    module, variables, config = load_generator(workdir)
-    return {"generator": module, "generator_variables": variables,
-            "n_segments": int(config["generator"].get("n_segments", 0))}
+    return runs.generator_options(workdir)

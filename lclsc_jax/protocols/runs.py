@@ -24,7 +24,6 @@ from lclsc_jax.train.checkpoint import Checkpointer
 from lclsc_jax.train.config import Config, from_dict, uses_gei
 from lclsc_jax.train.state import TrainState
 
-
 #: Where ``lclsc relevance train`` keeps a run's perturbation generator, inside its workdir.
 GENERATOR_FOLDER = "relevance"
 
@@ -72,15 +71,20 @@ class TrainedRun:
     @functools.cached_property
     def generator_options(self) -> dict[str, Any]:
         """The ``perturbation_generator`` options of this run: its generator module, variables and supervoxels."""
-        from lclsc_jax.train import relevance as rel_train
+        return generator_options(self.workdir)
 
-        out_dir = storage.join(self.workdir, GENERATOR_FOLDER)
-        if not storage.exists(storage.join(out_dir, rel_train.CONFIG_FILE)):
-            raise FileNotFoundError(f"{self.workdir} has no perturbation generator: run `lclsc relevance train "
-                                    f"--workdir {self.workdir}` first")
-        module, variables, config = rel_train.restore_generator(out_dir)
-        return {"generator": module, "generator_variables": variables,
-                "n_segments": int(config["generator"].get("n_segments", 0))}
+
+def generator_options(workdir: str) -> dict[str, Any]:
+    """Options of ``explain.saliency("perturbation_generator", ...)`` for the generator trained for ``workdir``."""
+    from lclsc_jax.train import relevance as rel_train
+
+    out_dir = storage.join(workdir, GENERATOR_FOLDER)
+    if not storage.exists(storage.join(out_dir, rel_train.CONFIG_FILE)):
+        raise FileNotFoundError(f"{workdir} has no perturbation generator: run `lclsc relevance train "
+                                f"--workdir {workdir}` first")
+    module, variables, config = rel_train.restore_generator(out_dir)
+    return {"generator": module, "generator_variables": variables,
+            "n_segments": int(config["generator"].get("n_segments", 0))}
 
 
 def load_run(workdir: str, which: str = "best", num_devices: int | None = None) -> TrainedRun:
