@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from lclsc_jax.data.synthetic import config_from_options as synthetic_config
     from lclsc_jax.data.synthetic import generate_arrays, generate_patient
+    from lclsc_jax.data.targets import FILTER_CLASSES, TARGETS, with_target
     from lclsc_jax.data.viz import render_examples, render_panel
     from lclsc_jax.data.volume_builders import load_volumes
     from lclsc_jax.data.volumes import Volume, read_volume, resample, write_nifti
@@ -57,13 +58,14 @@ _WHERE = {
     "check_disjoint": "splits", "leave_one_patient_out": "splits", "patient_kfold": "splits",
     "patient_split": "splits", "split_report": "splits", "splits_for": "splits",
     "generate_arrays": "synthetic", "generate_patient": "synthetic",
+    "FILTER_CLASSES": "targets", "TARGETS": "targets", "with_target": "targets",
     "render_examples": "viz", "render_panel": "viz",
     "load_volumes": "volume_builders",
     "Volume": "volumes", "read_volume": "volumes", "resample": "volumes", "write_nifti": "volumes",
 }
 _ALIASES = {"synthetic_config": ("synthetic", "config_from_options")}
 _SUBMODULES = ("augment", "batching", "brain3d", "builders", "cache", "corruptions", "device_augment", "export",
-               "fibre_bundle", "io", "pipeline", "probe", "settings", "splits", "synthetic", "tissue", "viz",
+               "fibre_bundle", "io", "pipeline", "probe", "settings", "splits", "synthetic", "targets", "tissue", "viz",
                "volume_builders", "volumes")
 
 __all__ = sorted([*_WHERE, *_ALIASES])

@@ -75,6 +75,7 @@ class Dataset:
     sequence: np.ndarray | None = None  # str (N,): probe pass / video within the patient
     frame: np.ndarray | None = None  # int32 (N,): frame index within its sequence (-1 unknown)
     diagnostic: np.ndarray | None = None  # bool (N,): False for non-diagnostic frames
+    strata: np.ndarray | None = None  # int (N,): what patient-wise splits stratify by, when not ``labels``
 
     @property
     def num_classes(self) -> int:

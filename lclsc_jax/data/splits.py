@@ -142,10 +142,14 @@ def patient_split(
 def splits_for(
     ds: Dataset, val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """patient_split for a Dataset, honouring its manifest ``split`` column when present."""
+    """patient_split for a Dataset, honouring its manifest ``split`` column when present.
+
+    Stratified by ``ds.strata`` when set (a frame filter splits as the tissue classifier does), else ``ds.labels``.
+    """
+    strata = ds.labels if getattr(ds, "strata", None) is None else ds.strata
     return patient_split(
-        ds.patients, ds.labels, val_fraction, test_fraction, seed, split_column=ds.split_column,
-        class_names=ds.class_names,
+        ds.patients, strata, val_fraction, test_fraction, seed, split_column=ds.split_column,
+        class_names=ds.class_names if strata is ds.labels else None,
     )
 
 

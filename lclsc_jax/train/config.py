@@ -52,6 +52,9 @@ class DataConfig:
     # Label efficiency: train on the labels of this fraction of the training patients (per class, rounded up, at
     # least one; drawn with `seed`); val/test unchanged.
     label_fraction: float = 1.0
+    # What the run predicts: class (the tissue class) | diagnostic (a non-diagnostic frame filter, classes
+    # non_diagnostic/diagnostic, split by patient as the tissue classifier is; docs/sequences.md).
+    target: str = "class"
 
 
 @dataclass(frozen=True)
@@ -408,6 +411,8 @@ ARCHS = (*CORE_ARCHS, "tf_efficientnetv2_s", "efficientnetv2_s", "inception_v3",
          "convnext_tiny", "densenet121", "alexnet", "lenet5")
 #: The SC maps of ``loss.sc_maps``.
 SC_MAPS = ("cosine", "decomposed")
+#: What a run predicts (``data.target``); data.targets.TARGETS says the same (tests/test_targets.py).
+TARGETS = ("class", "diagnostic")
 #: What training validation measures (higher is better), for ``train.best_metric``.
 BEST_METRICS = ("accuracy", "balanced_accuracy")
 
@@ -419,6 +424,8 @@ def validate(cfg: Config) -> None:
         errors.append(f"loss.name must be one of {LOSSES}, got {cfg.loss.name!r}")
     if cfg.model.arch not in ARCHS:
         errors.append(f"model.arch must be one of {ARCHS}, got {cfg.model.arch!r}")
+    if cfg.data.target not in TARGETS:
+        errors.append(f"data.target must be one of {TARGETS}, got {cfg.data.target!r}")
     if cfg.train.best_metric not in BEST_METRICS:
         errors.append(f"train.best_metric must be one of {BEST_METRICS}, got {cfg.train.best_metric!r}")
     if cfg.loss.sc_maps not in SC_MAPS:

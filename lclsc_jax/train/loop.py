@@ -90,8 +90,8 @@ def load_dataset(cfg: Config, source: str | None = None) -> Any:
 
     ``source``: ``"synthetic"`` (built from the ``synthetic.*`` section), a folder
     ``ROOT/<class>/<patient>/<frame>`` or a CSV manifest (converted to ``data.image_size`` and
-    ``data.channels``). Returns a ``lclsc_jax.data.Dataset``; bad input raises ``data.DataError``
-    naming the file (and CSV line).
+    ``data.channels``). Returns a ``lclsc_jax.data.Dataset`` (relabelled as a frame filter's with
+    ``data.target=diagnostic``); bad input raises ``data.DataError`` naming the file (and CSV line).
     """
     d = cfg.data
     source = source or d.source
@@ -106,7 +106,7 @@ def load_dataset(cfg: Config, source: str | None = None) -> Any:
     if is_volumes(ds) and not volumes:
         raise data.DataError(f"{source} holds volumes, and model.arch={cfg.model.arch} takes 2D frames: set "
                              "model.arch to a 3D arch (tiny3d, resnet18_3d, resnet34_3d), e.g. --config tiny3d")
-    return ds
+    return data.with_target(ds, d.target)
 
 
 def is_volumes(ds: Any) -> bool:
