@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--temporal-steps", type=int, default=300)
     ap.add_argument("--cache", default="", help="data cache folder (default OUT/cache)")
+    ap.add_argument("--checkpoint", default="latest",
+                    help="classifier checkpoint (default latest: a validation split of 3 patients cannot pick one, "
+                         "RESULTS.md, the demo)")
     args = ap.parse_args(argv)
     args.config, args.patients, args.frames, args.sequences, args.nondiagnostic = "demo", 24, 60, 3, 0.2
     if args.quick:
@@ -78,8 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     from lclsc_jax.protocols import sequences
 
     summary = sequences.evaluate_sequences(cls, filt, fps=args.fps, window_s=args.window, n_boot=args.n_boot,
-                                           temporal_steps=args.temporal_steps, out_dir=args.out)
-    summary["experiment"] = {"config": args.config, "classifier_steps": args.steps, "filter_steps": args.filter_steps,
+                                           temporal_steps=args.temporal_steps, out_dir=args.out,
+                                           which=args.checkpoint)
+    summary["experiment"] = {"config": args.config, "classifier_steps": args.steps, "checkpoint": args.checkpoint, "filter_steps": args.filter_steps,
                              "data": data_settings(args)[:-1], "quick": bool(args.quick),
                              "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t0, 1)}
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -65,8 +65,8 @@ _WHERE = {
 }
 _ALIASES = {"synthetic_config": ("synthetic", "config_from_options")}
 _SUBMODULES = ("augment", "batching", "brain3d", "builders", "cache", "corruptions", "device_augment", "export",
-               "fibre_bundle", "io", "pipeline", "probe", "settings", "splits", "synthetic", "targets", "tissue", "viz",
-               "volume_builders", "volumes")
+               "fibre_bundle", "io", "pipeline", "probe", "settings", "splits", "synthetic", "targets", "tissue",
+               "video", "viz", "volume_builders", "volumes")
 
 __all__ = sorted([*_WHERE, *_ALIASES])
 

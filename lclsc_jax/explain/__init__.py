@@ -40,7 +40,7 @@ _WHERE = {
     "occlusion_windows": "perturbation", "slic_segments": "perturbation",
     "VOLUME_METHODS": "registry", "orthogonal_figure": "volume_figures", "write_map_nifti": "volume_figures",
 }
-_SUBMODULES = ("api", "cam", "core", "figures", "fullgrad", "gradients", "perturbation", "registry",
+_SUBMODULES = ("api", "cam", "core", "figures", "frame_overlay", "fullgrad", "gradients", "perturbation", "registry",
                "volume_figures")
 
 __all__ = sorted(_WHERE)
