@@ -1,4 +1,4 @@
-"""The ``lclsc`` command: train, pretrain, evaluate, predict, explain, cv, benchmark-cams, ablate, verify, demo, config."""
+"""The ``lclsc`` command: train, pretrain, evaluate, predict (images, videos), explain, cv, sequences, report, benchmark-cams, ablate, verify, demo, config."""
 
 from __future__ import annotations
 
@@ -135,11 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: WORKDIR/eval)")
     _add_checkpoint(p)
 
-    p = sub.add_parser("predict", help="class and probabilities for image files")
+    p = sub.add_parser("predict", help="class and probabilities for image files, a video or a folder of frames",
+                       description="Predict image files; or, for ONE video file (MP4/AVI/MKV/MOV) or folder of "
+                                   "numbered frames, predict frame by frame with an optional non-diagnostic frame "
+                                   "filter and a causal window (docs/video.md).")
     p.add_argument("--workdir", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or one video file / frame folder")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     _add_checkpoint(p)
+    v = p.add_argument_group("video or frame folder")
+    v.add_argument("--filter", metavar="FILTER_RUN",
+                   help="workdir of a frame filter run (trained with --set data.target=diagnostic loss.name=ce)")
+    v.add_argument("--window", type=float, default=1.0, metavar="SECONDS",
+                   help="causal window of the windowed decision, in seconds of video (default 1.0)")
+    v.add_argument("--fps", type=float, help="frame rate of a frame folder (default 12); overrides a video's own")
+    v.add_argument("--aggregate", choices=("mean_score", "vote"), default="mean_score",
+                   help="window aggregator: mean of frame scores or confidence-weighted vote (default mean_score)")
+    v.add_argument("--threshold", type=float, default=0.5,
+                   help="a frame is kept when the filter's P(diagnostic) >= THRESHOLD (default 0.5)")
+    v.add_argument("--saliency", choices=("gradcam", "sc", "none"), default="gradcam",
+                   help="saliency map per frame for the overlay (default gradcam; sc = the run's SC maps)")
+    v.add_argument("--csv", metavar="FILE", help="write per-frame and windowed predictions as CSV")
+    v.add_argument("--json-out", metavar="FILE", help="write predictions and a summary as JSON")
+    v.add_argument("--overlay", metavar="FILE.mp4",
+                   help="write an overlay video (saliency in the field of view, class, confidence, filter flag)")
 
     from lclsc_jax.explain.registry import methods_help  # no JAX: the method list only
 
@@ -358,6 +377,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-every", type=int, default=50)
     _add_checkpoint(r)
 
+    p = sub.add_parser("sequences", help="frame vs window vs sequence accuracy, optionally behind a frame filter",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Group the split's frames into sequences (patient, probe pass, frame index) and "
+                                   "report frame, sliding-window and whole-sequence accuracy of the classifier run "
+                                   "with patient-bootstrap 95%% intervals: mean of GEI scores, confidence-weighted "
+                                   "vote and a small temporal model on frozen embeddings, with and without a "
+                                   "non-diagnostic frame filter (a run trained with --set data.target=diagnostic "
+                                   "loss.name=ce), plus the filter's sensitivity/specificity and the seconds a "
+                                   "stable online decision needs. See docs/sequences.md.",
+                       epilog="example:\n  lclsc sequences --workdir runs/cls --filter runs/filter --window 1.0")
+    p.add_argument("--workdir", required=True, help="a trained tissue classifier run")
+    p.add_argument("--filter", metavar="FILTER_RUN",
+                   help="a frame filter run (data.target=diagnostic) trained on the same data")
+    p.add_argument("--split", default="test", help="which split's sequences (default test)")
+    p.add_argument("--fps", type=float, default=12.0, help="frames per second of the video (default 12)")
+    p.add_argument("--window", type=float, default=1.0, help="sliding window length in seconds (default 1.0)")
+    p.add_argument("--centred", action="store_true",
+                   help="centred windows (past and future frames) instead of causal (online, past frames only)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="keep a frame when the filter's P(diagnostic) >= this (default 0.5)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval (default 1000)")
+    p.add_argument("--temporal-steps", type=int, default=300,
+                   help="Adam steps of the learned temporal model (default 300; 0 skips it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default WORKDIR/sequences)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    _add_checkpoint(p)
+
     p = sub.add_parser("verify", help="parity of PyTorch weights run in PyTorch and in this JAX model")
     p.add_argument("--torch-weights", required=True, metavar="FILE", help=".pt/.pth state_dict or .safetensors")
     p.add_argument("--arch", required=True, help=ARCH_HELP + " (MONAI 3D ResNets built with conv1_t_stride=2)")
@@ -382,6 +429,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the ONNX graph's batch size (shapes are static; default 1, a stream of frames)")
     p.add_argument("--check", action="store_true",
                    help="run the ONNX model in ONNX Runtime on the run's test frames and compare with JAX")
+    _add_checkpoint(p)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a run or a CV study (opens offline)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write WORKDIR/report.html for a training run (its held-out test patients) or a "
+                                   "`lclsc cv` study (every fold's held-out patients): metrics with 95%% "
+                                   "patient-bootstrap intervals, ROC, confusion matrices, calibration with per-bin "
+                                   "counts, per-patient accuracy, the confidence analysis, a saliency gallery "
+                                   "(correct and wrong cases per class, every method side by side) and the "
+                                   "sanity/robustness/sequences results where they exist. Images are embedded; no "
+                                   "server, no network. See docs/report.md.",
+                       epilog="examples:\n  lclsc report runs/demo\n"
+                              "  lclsc report runs/cv5 --out cv5.html --methods gradcam sc --gallery 3")
+    p.add_argument("workdir", metavar="WORKDIR", help="a training workdir (lclsc train) or a CV study (lclsc cv)")
+    p.add_argument("--out", help="the HTML file (default: WORKDIR/report.html)")
+    p.add_argument("--methods", nargs="+", help="saliency methods of the gallery (default: sc on contrastive runs, "
+                   "gradcam, gradcam++, layercam, eigencam, crm)")
+    p.add_argument("--gallery", type=int, default=2,
+                   help="correct and wrong cases per class in the saliency gallery (default 2; 0: no gallery)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals (default 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
     _add_checkpoint(p)
 
     p = sub.add_parser("demo", help="train on synthetic pCLE data, evaluate, write saliency figures (CPU minutes)")
@@ -521,6 +589,16 @@ def format_metrics(m: dict) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from lclsc_jax.data import video
+
+    if any(video.is_frame_source(p) for p in args.images):
+        return _predict_video(args)
+    video_only = [f"--{k.replace('_', '-')}" for k in ("filter", "csv", "json_out", "overlay", "fps")
+                  if getattr(args, k) is not None]
+    if video_only:
+        print(f"lclsc predict: error: {', '.join(video_only)} apply to a video or a frame folder, not to image files",
+              file=sys.stderr)
+        return 2
     from lclsc_jax.protocols import runs
 
     rows = runs.predict_files(args.workdir, args.images, args.checkpoint)
@@ -530,6 +608,42 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             probs = " ".join(f"{c}={p:.3f}" for c, p in r["probabilities"].items())
             print(f"{r['path']}\t{r['class']}\t{r['probability']:.3f}\t{probs}")
+    return 0
+
+
+def _predict_video(args: argparse.Namespace) -> int:
+    """``lclsc predict`` on one video file or frame folder: per-frame + windowed predictions, files, a summary."""
+    if len(args.images) != 1:
+        print("lclsc predict: error: a video file or frame folder must be the only input "
+              f"(got {len(args.images)} inputs)", file=sys.stderr)
+        return 2
+    from lclsc_jax.data import video
+
+    try:
+        video.check_source(args.images[0])  # a bad input fails fast, before JAX and the run load
+        from lclsc_jax.protocols import stream
+
+        res = stream.predict_stream(args.workdir, args.images[0], filter_workdir=args.filter, window_s=args.window,
+                                    fps=args.fps, aggregate=args.aggregate, threshold=args.threshold,
+                                    saliency=args.saliency, out_csv=args.csv, out_json=args.json_out,
+                                    overlay=args.overlay, which=args.checkpoint)
+    except ImportError as e:
+        if "lclsc-jax[video]" not in str(e):  # PyAV missing: say what to install; anything else is a bug
+            raise
+        print(f"lclsc predict: error: {e}", file=sys.stderr)
+        return 2
+    s = res["summary"]
+    if args.json:
+        for row in res["frames"]:
+            print(json.dumps(row))
+    decision = f"{s['decision']} ({s['confidence']:.3f})" if s["decision"] else "undecided (no kept frame)"
+    print(f"{s['frames']} frames at {res['fps']:.3g} fps, {s['kept']} kept ({100 * s['kept_fraction']:.0f}%), "
+          f"window {res['window']['frames']} frames ({res['window']['aggregate']})")
+    print(f"sequence decision: {decision}")
+    print(f"latency per frame: p50 {s['latency_ms_p50']:.1f} ms, p99 {s['latency_ms_p99']:.1f} ms "
+          f"({1e3 / max(s['latency_ms_p50'], 1e-9):.0f} frames/s at p50)")
+    for path in res["files"]:
+        print(f"wrote {path}")
     return 0
 
 
@@ -705,6 +819,22 @@ def _robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sequences(args: argparse.Namespace) -> int:
+    """Frame / window / sequence accuracy of a run (optionally behind a filter): print a table and the files."""
+    from lclsc_jax.protocols import sequences
+
+    summary = sequences.evaluate_sequences(
+        args.workdir, args.filter, split=args.split, fps=args.fps, window_s=args.window, causal=not args.centred,
+        threshold=args.threshold, n_boot=args.n_boot, temporal_steps=args.temporal_steps, out_dir=args.out,
+        seed=args.seed, progress=not args.no_progress, which=args.checkpoint)
+    print(sequences.summary_table(summary))
+    out = summary["out_dir"]
+    print(f"written: {os.path.join(out, 'sequences.json')}, {os.path.join(out, 'sequences.md')}")
+    for path in summary.get("figures", []):
+        print(f"written: {path}")
+    return 0
+
+
 def _audit_data(args: argparse.Namespace) -> int:
     """Shortcut audit of a dataset: print the Markdown report, exit 0."""
     from lclsc_jax.protocols import audit
@@ -820,6 +950,16 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """Write the HTML report of a run or a CV study; print its path."""
+    from lclsc_jax.protocols import report
+
+    path = report.build_report(args.workdir, args.out, checkpoint=args.checkpoint, gallery_per_class=args.gallery,
+                               methods=args.methods, n_boot=args.n_boot, progress=not args.no_progress)
+    print(f"written: {path}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Train the demo preset, evaluate on held-out patients, write saliency figures."""
     from lclsc_jax import data
@@ -884,7 +1024,8 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
 _COMMANDS = {"train": _train, "pretrain": _pretrain, "evaluate": _evaluate, "predict": _predict, "explain": _explain,
              "cv": _cv, "benchmark-cams": _benchmark_cams, "sanity": _sanity, "synth": _synth,
              "audit-data": _audit_data, "robustness": _robustness, "ablate": _ablate, "verify": _verify,
-             "relevance": _relevance, "export": _export, "demo": _demo, "config": _config}
+             "relevance": _relevance, "export": _export, "demo": _demo, "report": _report, "config": _config,
+             "sequences": _sequences}
 
 
 if __name__ == "__main__":

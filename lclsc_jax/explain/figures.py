@@ -49,11 +49,25 @@ def restrict_to_fov(maps: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return np.where(peak > 0, inside / np.maximum(peak, 1e-12), inside).astype(np.float32)
 
 
-def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5) -> None:
-    """Draw ``heat (H, W)`` in [0, 1] (jet) over ``image (H, W, C)`` in [0, 1] on a matplotlib axis."""
+def overlay(ax: Any, image: np.ndarray, heat: np.ndarray, title: str, alpha: float = 0.5,
+            valid: np.ndarray | None = None, mask: np.ndarray | None = None, colorbar: bool = False) -> None:
+    """Draw ``heat (H, W)`` in [0, 1] (jet) over ``image (H, W, C)`` in [0, 1] on a matplotlib axis.
+
+    ``valid (H, W)`` bool: the field of view; the map is drawn only inside it, so the black corners
+    of a fibre-bundle frame stay black. ``mask (H, W)``: the evidence mask, outlined in white.
+    ``colorbar``: a colour bar of the map's scale beside the axis.
+    """
     img = image[..., 0] if image.shape[-1] == 1 else image[..., :3]
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0)
-    ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
+    shown = heat if valid is None else np.ma.masked_where(~np.asarray(valid, bool), heat)
+    im = ax.imshow(shown, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
+    if mask is not None and np.any(mask) and not np.all(mask):
+        ax.contour(np.asarray(mask, np.float32), levels=[0.5], colors="white", linewidths=1.0)
+    if colorbar:
+        cax = ax.inset_axes([1.03, 0.0, 0.06, 1.0])  # beside the axis, which keeps its size
+        cb = ax.figure.colorbar(im, cax=cax, ticks=[0.0, 0.5, 1.0])
+        cb.solids.set_alpha(1.0)  # the scale in full colour, whatever the overlay's transparency
+        cb.ax.tick_params(labelsize=6)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -92,6 +106,7 @@ def write_explanations(
     progress: bool = True,
     fov: bool = True,
     method_options: Mapping[str, Mapping[str, Any]] | None = None,
+    masks: np.ndarray | None = None,
     **options: Any,
 ) -> list[str]:
     """Write per image ``<stem>_<method>.npy`` (the (H, W) map) and ``<stem>_<method>.png`` overlay.
@@ -108,7 +123,9 @@ def write_explanations(
     shown are restricted to it (0 outside, rescaled inside; a pCLE frame has no tissue there) and
     the figures say so; ``False`` keeps the raw maps. ``method_options``: per method name, options
     of its own (e.g. ``{"sc": {"maps": "decomposed"}}``, a run's ``saliency_options``), also with
-    ``method="all"``; ``options`` go to the single ``method``. Returns the written paths.
+    ``method="all"``; ``options`` go to the single ``method``. ``masks (N, H, W)``: evidence masks,
+    outlined on every panel. Every map has a colour bar; outside the field of view the frame is
+    shown as it is (black corners). Returns the written paths.
     """
     if method != "all" and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected 'all' or one of {METHODS}")
@@ -127,6 +144,10 @@ def write_explanations(
         raise ValueError(f"got {len(x)} images but {len(names)} names")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if masks is not None:
+        masks = np.asarray(masks)
+        if masks.shape != x.shape[:3]:
+            raise ValueError(f"masks must have shape {x.shape[:3]}, got {masks.shape}")
     os.makedirs(out_dir, exist_ok=True)
     probs = _predict(model, variables, x, global_emb, tau, score, batch_size)
     pred = probs.argmax(axis=-1)
@@ -167,26 +188,27 @@ def write_explanations(
             path = os.path.join(out_dir, f"{stem}_{m}.npy")
             np.save(path, mp[i].astype(np.float32))
             written.append(path)
+        mk = None if masks is None else masks[i]
         if method != "all":
-            fig = Figure(figsize=(6, 3.2))
+            fig = Figure(figsize=(6.4, 3.2))
             ax = fig.subplots(1, 2)
-            overlay(ax[0], display[i], np.zeros_like(maps[method][i]), "image", alpha=0.0)
-            overlay(ax[1], display[i], maps[method][i], method)
+            overlay(ax[0], display[i], np.zeros_like(maps[method][i]), "image", alpha=0.0, mask=mk)
+            overlay(ax[1], display[i], maps[method][i], method, valid=valid, mask=mk, colorbar=True)
             fig.suptitle(head + fov_note, fontsize=9)
             path = os.path.join(out_dir, f"{stem}_{method}.png")
         else:
             cells = ["image"] + list(maps)
             cols = min(6, len(cells))
             rows = -(-len(cells) // cols)
-            fig = Figure(figsize=(2.2 * cols, 2.3 * rows))
+            fig = Figure(figsize=(2.5 * cols, 2.3 * rows))
             axes = fig.subplots(rows, cols, squeeze=False)
             for ax in axes.ravel():
                 ax.axis("off")
             for ax, m in zip(axes.ravel(), cells):
                 if m == "image":
-                    overlay(ax, display[i], np.zeros(display[i].shape[:2]), "image", alpha=0.0)
+                    overlay(ax, display[i], np.zeros(display[i].shape[:2]), "image", alpha=0.0, mask=mk)
                 else:
-                    overlay(ax, display[i], maps[m][i], m)
+                    overlay(ax, display[i], maps[m][i], m, valid=valid, mask=mk, colorbar=True)
             note = f" (skipped: {', '.join(sorted(skipped))})" if skipped else ""
             fig.suptitle(head + fov_note + note, fontsize=9)
             path = os.path.join(out_dir, f"{stem}_all.png")
