@@ -1,4 +1,4 @@
-"""The ``lclsc`` command: train, pretrain, evaluate, predict (images, videos), explain, cv, sequences, report, benchmark-cams, ablate, verify, demo, config."""
+"""The ``lclsc`` command: train, evaluate, predict (images, videos), explain, sequences, report, protocols, demo."""
 
 from __future__ import annotations
 
