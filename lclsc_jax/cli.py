@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     _add_checkpoint(p)
 
-    p = sub.add_parser("demo", help="train on synthetic pCLE data, evaluate, write saliency figures (CPU minutes)")
+    p = sub.add_parser("demo", help="train on synthetic pCLE data, evaluate, write saliency figures and an HTML report (CPU minutes)")
     p.add_argument("--workdir", default="runs/demo")
     _add_set(p, "override demo config keys")
 
@@ -983,12 +983,15 @@ def _demo(args: argparse.Namespace) -> int:
     data.render_examples(ds, 12, os.path.join(fig_dir, "synthetic_examples.png"))
     data.render_panel(ds, os.path.join(fig_dir, "pcle_panel.png"))
     written = _demo_saliency(run, ds, test_idx, fig_dir)
+    from lclsc_jax.protocols import report
+
+    page = str(report.build_report(args.workdir))
     summary = {"accuracy": metrics["accuracy"], "f1": metrics["f1"], "auroc": metrics["auroc"],
                "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t0, 1),
-               "figures": written}
+               "figures": written, "report": page}
     loop.write_json(os.path.join(args.workdir, "demo_summary.json"), summary)
     print(f"[demo] test accuracy {metrics['accuracy']:.3f} on held-out patients; "
-          f"{summary['total_seconds']:.0f} s in all; figures in {fig_dir}")
+          f"{summary['total_seconds']:.0f} s in all; figures in {fig_dir}; report: {page}")
     return 0
 
 
@@ -1007,17 +1010,15 @@ def _demo_saliency(run, ds, test_idx, fig_dir: str) -> list[str]:
         if best.any():
             picks.append(int(readable[np.flatnonzero(best)[0]]))
     images = np.stack([ds.source[i]["image"] for i in picks])
+    masks = np.stack([ds.source[i]["mask"] for i in picks]) if ds.has_masks else None  # outlined in the figures
     names = [f"test{i}_{run.class_names[ds.labels[i]]}" for i in picks]
     written = []
-    for method in ("sc", "gradcam"):
+    for method, folder in (("sc", "sc"), ("gradcam", "gradcam"), ("all", "all_methods")):
         written += explain.write_explanations(run.model, run.variables, images, names,
-                                              os.path.join(fig_dir, method), method, "last",
+                                              os.path.join(fig_dir, folder), method, "last",
                                               global_emb=run.global_emb, class_names=run.class_names,
-                                              tau=run.cfg.loss.tau, method_options={"sc": run.saliency_options("sc")})
-    written += explain.write_explanations(run.model, run.variables, images, names,
-                                          os.path.join(fig_dir, "all_methods"), "all", "last",
-                                          global_emb=run.global_emb, class_names=run.class_names,
-                                          tau=run.cfg.loss.tau, method_options={"sc": run.saliency_options("sc")})
+                                              tau=run.cfg.loss.tau, masks=masks,
+                                              method_options={"sc": run.saliency_options("sc")})
     return written
 
 

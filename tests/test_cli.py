@@ -136,13 +136,13 @@ def test_evaluate_without_run_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict", "explain", "cv", "benchmark-cams", "ablate",
-                                     "verify", "demo", "config", "audit-data", "synth"])
+                                     "verify", "demo", "config", "audit-data", "synth", "sequences", "report"])
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--workdir" in out or command in ("verify", "config", "ablate", "audit-data", "synth")
+    assert "--workdir" in out or command in ("verify", "config", "ablate", "audit-data", "synth", "report")
 
 
 def test_config_list_shows_every_key(capsys):
@@ -175,6 +175,8 @@ def test_demo_trains_evaluates_and_writes_every_figure(tmp_path, cache):
         assert all(a.shape == (32, 32) and 0 <= a.min() and a.max() <= 1 + 1e-6 for a in maps), m
     for method in ("sc", "gradcam"):
         assert len(list((figs / method).glob("*.png"))) == 3  # one frame per class
+    page = (work / "report.html").read_text()  # the demo ends with its offline report
+    assert summary["report"] == str(work / "report.html") and "Saliency gallery" in page and "http" not in page
 
 
 def test_resuming_accepts_the_starting_command_with_more_steps_and_refuses_other_data(tmp_path, capsys):
