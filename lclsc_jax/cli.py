@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="train, val, test or all (default: test of the run's own data; all of other "
                    "--data, whose classes must be among the run's)")
     p.add_argument("--out", help="output directory (default: WORKDIR/eval)")
+    p.add_argument("--n-boot", type=int, default=1000,
+                   help="patient-bootstrap resamples of the 95%% intervals (default 1000; 0: no intervals)")
     _add_checkpoint(p)
 
     p = sub.add_parser("predict", help="class and probabilities for image files, a video or a folder of frames",
@@ -573,8 +575,10 @@ def _output_names(paths: Sequence[str]) -> list[str]:
 def _evaluate(args: argparse.Namespace) -> int:
     from lclsc_jax.protocols import runs
 
+    if args.n_boot < 0:
+        raise ValueError(f"--n-boot must be >= 0, got {args.n_boot}")
     m = runs.evaluate_run(args.workdir, _source(args.data) if args.data else None, args.split,
-                               args.checkpoint, args.out)
+                          args.checkpoint, args.out, n_boot=args.n_boot)
     print(format_metrics(m))
     print(f"written: {os.path.join(args.out or os.path.join(args.workdir, 'eval'), 'metrics.json')}")
     return 0
@@ -584,7 +588,15 @@ def format_metrics(m: dict) -> str:
     """A short human-readable summary of ``classification_metrics`` output."""
     keys = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "auroc", "ece", "patient_accuracy")
     lines = [f"{m.get('split', '')} ({m.get('n', '?')} images, checkpoint step {m.get('checkpoint_step', '?')})"]
-    lines += [f"  {k:<18} {m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float))]
+    ci = m.get("intervals") or {}
+
+    def interval(k: str) -> str:
+        c = ci.get(k) or {}
+        return f"  [{c['ci_low']:.4f}, {c['ci_high']:.4f}]" if c.get("ci_low") is not None else ""
+
+    lines += [f"  {k:<18} {m[k]:.4f}{interval(k)}" for k in keys if isinstance(m.get(k), (int, float))]
+    if ci:
+        lines.append("  [95% intervals: patient bootstrap, patients within class then frames]")
     return "\n".join(lines)
 
 

@@ -87,6 +87,9 @@ def test_train_evaluate_predict_beats_chance(tmp_path, cache):
     assert m["accuracy"] >= 0.6, m  # chance is 1/3 on held-out patients
     for key in ("sensitivity", "specificity", "f1", "auroc", "per_class", "per_patient", "confusion_matrix"):
         assert key in m
+    acc = m["intervals"]["accuracy"]  # patient-bootstrap interval around the reported accuracy
+    assert acc["estimate"] == pytest.approx(m["accuracy"]) and acc["ci_low"] <= m["accuracy"] <= acc["ci_high"]
+    assert "[95% intervals: patient bootstrap" in r.stdout
     assert os.path.getsize(os.path.join(work, "eval", "confusion_matrix.png")) > 0
     lines = open(os.path.join(work, "metrics.jsonl")).read().splitlines()
     assert any(json.loads(l)["split"] == "val" for l in lines)

@@ -271,7 +271,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 
 
 def test_gallery_cases_and_bootstrap_on_known_arrays():
-    """Gallery rows by hand; bootstrap point estimates equal sklearn, intervals ordered (no training)."""
+    """Gallery rows by hand; the intervals' point estimates equal sklearn, intervals ordered (no training)."""
     from lclsc_jax.protocols import report
 
     y = np.array([0, 0, 0, 1, 1, 1])
@@ -279,7 +279,9 @@ def test_gallery_cases_and_bootstrap_on_known_arrays():
     rows = report.gallery_cases(y, p, 2, per_class=2, eligible=[True, True, True, True, True, False])
     assert rows == [(0, "correct", [0, 1]), (0, "wrong", [2]), (1, "correct", [3, 4]), (1, "wrong", [])]
     pats = np.array(["a", "a", "b", "c", "c", "d"])
-    ci = report.bootstrap_intervals(p, y, pats, n_boot=300)
+    from lclsc_jax.evaluate.statistics import metric_intervals
+
+    ci = metric_intervals(p, y, pats, n_boot=300)
     pred = p.argmax(1)
     assert ci["accuracy"]["estimate"] == pytest.approx(skm.accuracy_score(y, pred))
     assert ci["auroc"]["estimate"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]))

@@ -241,3 +241,27 @@ def test_weighted_classification_metrics_match_sklearn_with_sample_weight():
                                                                       sample_weight=ww))
     with pytest.raises(ValueError, match="need probs"):
         S.weighted_classification_metrics(probs, y[:-1], w)
+
+
+def test_metric_intervals_equal_percentiles_of_sklearn_on_each_resample():
+    """metric_intervals vs a brute force: the same patient resamples, sklearn's weighted metrics, np.quantile."""
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(5)
+    patients = np.repeat([f"P{p}" for p in range(9)], 7)
+    y = np.repeat(np.arange(9) % 3, 7)
+    logits = rng.normal(size=(len(y), 3)) + 1.2 * np.eye(3)[y]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    got = S.metric_intervals(probs, y, patients, n_boot=200, confidence=0.9, seed=4)
+    w = S.bootstrap_weights(patients, 200, seed=np.random.default_rng(4), strata=y)  # the draws it makes
+    pred = probs.argmax(1)
+    acc = [skm.accuracy_score(y, pred, sample_weight=wb) for wb in w]
+    bal = [skm.balanced_accuracy_score(y[wb > 0], pred[wb > 0], sample_weight=wb[wb > 0]) for wb in w]
+    for key, vals, point in (("accuracy", acc, skm.accuracy_score(y, pred)),
+                             ("balanced_accuracy", bal, skm.balanced_accuracy_score(y, pred))):
+        lo, hi = np.quantile(vals, [0.05, 0.95])
+        assert got[key]["estimate"] == pytest.approx(point)
+        assert (got[key]["ci_low"], got[key]["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert got["auroc"]["estimate"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr"))
+    with pytest.raises(ValueError, match="n_boot"):
+        S.metric_intervals(probs, y, patients, n_boot=0)

@@ -6,7 +6,8 @@ under ``jax.jit`` in bounded batches; ``plots`` draws PNGs with matplotlib (Agg 
 saliency sanity checks. ``statistics`` (NumPy) gives intervals that include the data: a hierarchical
 bootstrap over patients and frames, paired by frame, and Student-t intervals for independent repeats.
 ``sequences`` (NumPy) turns frames into procedures: sliding windows, aggregators, decision stability
-and a frame filter's sensitivity/specificity. ``shortcuts`` (NumPy/SciPy) measures what a class-blind reader gets from a frame: global image statistics
+and a frame filter's sensitivity/specificity.
+``shortcuts`` (NumPy/SciPy) measures what a class-blind reader gets from a frame: global image statistics
 and class-blind saliency baselines (``blind_map``). ``probes`` (NumPy/scikit-learn) scores frozen
 embeddings: DINO's weighted k-NN and a logistic-regression linear probe. Pure scoring: nothing here
 trains or loads a run; the protocols that do (cross-validation, the CAM benchmark, ablations) are

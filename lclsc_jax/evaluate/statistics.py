@@ -51,6 +51,8 @@ __all__ = [
     "bootstrap_weights",
     "detectable_difference",
     "hierarchical_bootstrap",
+    "INTERVAL_METRICS",
+    "metric_intervals",
     "paired_bootstrap",
     "patient_labels",
     "t_interval",
@@ -375,4 +377,37 @@ def weighted_classification_metrics(probs: Any, labels: Any, weights: Any) -> di
         out["balanced_accuracy"] = np.nanmean(np.stack(rec, 1), 1)
         out["f1"] = np.nanmean(np.stack(f1, 1), 1)
         out["auroc"] = np.nanmean(np.stack(auc, 1), 1)
+    return out
+
+
+#: The metrics :func:`metric_intervals` gives intervals for (keys of :func:`weighted_classification_metrics`).
+INTERVAL_METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")
+
+
+def metric_intervals(probs: Any, labels: Any, patients: Any, *, n_boot: int = 1000, confidence: float = 0.95,
+                     seed: int = 0) -> dict[str, dict[str, float | None]]:
+    """Patient-bootstrap intervals of accuracy, balanced accuracy, macro F1 and macro AUROC.
+
+    ``probs (N, C)``, ``labels (N,)``, ``patients (N,)``: resampling weights from
+    :func:`bootstrap_weights` (patients within their class, then frames within patients), the metrics
+    from :func:`weighted_classification_metrics`, percentile intervals. Returns ``{metric: {estimate,
+    ci_low, ci_high}}`` (None where undefined). Memory is bounded: weights are drawn in blocks.
+    """
+    _check_settings(n_boot, confidence, "patients+frames")
+    p, y = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
+    pat = np.asarray(patients).astype(str)
+    point = weighted_classification_metrics(p, y, np.ones((1, len(y))))
+    rng = np.random.default_rng(seed)
+    block = max(1, min(int(n_boot), _CHUNK_CELLS // max(len(y), 1)))
+    parts = [weighted_classification_metrics(p, y, bootstrap_weights(pat, min(block, int(n_boot) - b), seed=rng,
+                                                                     strata=y))
+             for b in range(0, int(n_boot), block)]
+    a = 1.0 - confidence
+    out: dict[str, dict[str, float | None]] = {}
+    for k in INTERVAL_METRICS:
+        b = np.concatenate([q[k] for q in parts])
+        b = b[np.isfinite(b)]
+        est = float(point[k][0]) if np.isfinite(point[k][0]) else None
+        lo, hi = (float(v) for v in np.quantile(b, [a / 2, 1 - a / 2])) if b.size else (None, None)
+        out[k] = {"estimate": est, "ci_low": lo, "ci_high": hi}
     return out

@@ -303,7 +303,7 @@ def run_one(spec: Mapping[str, Any], out_dir: str, plan: Mapping[str, Any], prog
         class_names = list(summary["class_names"])
     else:
         loop.train(cfg, workdir, progress=progress)
-        m = evaluate_run(workdir, split="test", figures=False)
+        m = evaluate_run(workdir, split="test", figures=False, n_boot=0)  # the tables bootstrap on their own
         metrics = scalars(m)
         which = "best"
         trained = runs_lib.load_run(workdir, which)

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from lclsc_jax import __version__, evaluate, explain
 from lclsc_jax.data import normalize_images
 from lclsc_jax.evaluate import plots
-from lclsc_jax.evaluate.statistics import bootstrap_weights, weighted_classification_metrics
+from lclsc_jax.evaluate.statistics import metric_intervals
 from lclsc_jax.explain import figures as xfig
 from lclsc_jax.protocols import cross_validation as cv
 from lclsc_jax.protocols import report_html as H
@@ -38,15 +38,13 @@ from lclsc_jax.protocols import runs
 from lclsc_jax.train import loop
 from lclsc_jax.train.config import from_dict, uses_gei
 
-__all__ = ["DEFAULT_METHODS", "HIGH", "LOW", "bootstrap_intervals", "build_report", "detect_workdir",
+__all__ = ["DEFAULT_METHODS", "HIGH", "LOW", "build_report", "detect_workdir",
            "gallery_cases", "per_patient_accuracy"]
 
 #: The gallery's default methods: fast ones (one forward/backward, or a few tail forwards); ``sc`` only with GEI.
 DEFAULT_METHODS: tuple[str, ...] = ("sc", "gradcam", "gradcam++", "layercam", "eigencam", "crm")
 #: Per-patient accuracy thresholds counted in the report (the CLE study: 13 patients above 90 %, 6 below 70 %).
 HIGH, LOW = 0.9, 0.7
-#: Metrics with a bootstrap interval (``weighted_classification_metrics``).
-BOOT_METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc")
 #: Where the other commands write, inside the workdir, and what produces them.
 EXTRA_SECTIONS = (
     ("sanity", "Saliency sanity checks", "sanity", "sanity.md", "lclsc sanity --workdir {w}"),
@@ -74,34 +72,6 @@ def detect_workdir(workdir: str) -> str:
                                 "finish it with the same `lclsc cv` command first")
     raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json/splits.json) nor a "
                             f"cross-validation study (no {cv.CV_SUMMARY}); run `lclsc train` or `lclsc cv` first")
-
-
-def bootstrap_intervals(probs: Any, labels: Any, patients: Any, n_boot: int = 1000, confidence: float = 0.95,
-                        seed: int = 0) -> dict[str, dict[str, float | None]]:
-    """95 % patient-bootstrap intervals of accuracy, balanced accuracy, macro F1 and AUROC.
-
-    ``probs (N, C)``, ``labels (N,)``, ``patients (N,)``: resampling weights from
-    ``statistics.bootstrap_weights`` (patients within their class, then frames within patients),
-    the metrics from ``weighted_classification_metrics``. Returns ``{metric: {estimate, ci_low,
-    ci_high}}`` (None where undefined).
-    """
-    p, y = np.asarray(probs, np.float64), np.asarray(labels, np.int64)
-    pat = np.asarray(patients).astype(str)
-    point = weighted_classification_metrics(p, y, np.ones((1, len(y))))
-    rng = np.random.default_rng(seed)
-    block = max(1, min(int(n_boot), 2_000_000 // max(len(y), 1)))  # bounded memory: (block, N) weights at a time
-    parts = [weighted_classification_metrics(p, y, bootstrap_weights(pat, min(block, int(n_boot) - b), seed=rng,
-                                                                     strata=y))
-             for b in range(0, int(n_boot), block)]
-    boot = {k: np.concatenate([q[k] for q in parts]) for k in BOOT_METRICS}
-    a = 1.0 - confidence
-    out: dict[str, dict[str, float | None]] = {}
-    for k in BOOT_METRICS:
-        b = boot[k][np.isfinite(boot[k])]
-        est = float(point[k][0]) if np.isfinite(point[k][0]) else None
-        lo, hi = (float(v) for v in np.quantile(b, [a / 2, 1 - a / 2])) if b.size else (None, None)
-        out[k] = {"estimate": est, "ci_low": lo, "ci_high": hi}
-    return out
 
 
 def per_patient_accuracy(labels: Any, probs: Any, patients: Any) -> dict[str, dict[str, Any]]:
@@ -238,7 +208,7 @@ def _header(inp: dict[str, Any], workdir: str) -> tuple[str, list[str], str]:
 def _metrics_section(inp: dict[str, Any], metrics: Mapping[str, Any], n_boot: int, progress: bool) -> str:
     """Metrics with patient-bootstrap intervals; per class; for CV the fold aggregate and per-fold table."""
     _log(f"bootstrap intervals ({n_boot} patient resamples)", progress)
-    ci = bootstrap_intervals(inp["probs"], inp["label"], inp["patient"], n_boot=n_boot)
+    ci = metric_intervals(inp["probs"], inp["label"], inp["patient"], n_boot=n_boot)
     rows = []
     for key, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("f1", "macro F1"),
                       ("auroc", "AUROC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),

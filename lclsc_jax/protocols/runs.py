@@ -117,7 +117,7 @@ def eval_fsdp(cfg: Config, num_devices: int | None = None) -> int:
 
 
 def evaluate_run(workdir: str, source: str | None = None, split: str | None = None, which: str = "best",
-                 out_dir: str | None = None, figures: bool = True) -> dict[str, Any]:
+                 out_dir: str | None = None, figures: bool = True, n_boot: int = 1000) -> dict[str, Any]:
     """Evaluate a run on a split of its data, or on another ``source``; writes ``eval/metrics.json``.
 
     Without ``source`` (or with the run's own ``data.source``), ``split`` (default ``test``) is
@@ -126,7 +126,9 @@ def evaluate_run(workdir: str, source: str | None = None, split: str | None = No
     (``split="all"``; ``train``/``val``/``test`` draw a fresh patient-wise split of it). Its
     classes must be among the run's (a subset is fine); a label the run does not know is a
     ``DataError`` naming the CSV line (or the class folder). Returns the metrics dict
-    (``classification_metrics`` plus ``split``, ``n``, ``checkpoint_step``, ``source``).
+    (``classification_metrics`` plus ``split``, ``n``, ``checkpoint_step``, ``source``, and with
+    ``n_boot > 0`` ``intervals``: 95% patient-bootstrap intervals of accuracy, balanced accuracy,
+    macro F1 and AUROC, ``evaluate.statistics.metric_intervals``).
     """
     run = load_run(workdir, which)
     own = source is None or same_source(source, run.cfg.data.source)
@@ -150,6 +152,9 @@ def evaluate_run(workdir: str, source: str | None = None, split: str | None = No
                                               patients=res["patient"])
     metrics.update(split=split, checkpoint_step=run.step, source=source or run.cfg.data.source,
                    inference="gei" if run.global_emb is not None else "linear")
+    if n_boot > 0:
+        metrics["intervals"] = evaluate.statistics.metric_intervals(res["probs"], res["label"], res["patient"],
+                                                                    n_boot=n_boot)
     out_dir = out_dir or storage.join(workdir, "eval")
     loop.write_json(storage.join(out_dir, "metrics.json"), metrics)
     if figures and jax.process_index() == 0:
